@@ -1,0 +1,1 @@
+"""Model-card templates and Hub export. Installed as `astrea.hub_cards`."""

@@ -1,0 +1,252 @@
+"""Configuration of Astrea: an LLM, four vision experts and the fusion/training knobs of the paper.
+
+The paper's symbols map onto config fields like this (Eq. numbers from the paper):
+
+| symbol | field                 | where                                         |
+| ------ | --------------------- | --------------------------------------------- |
+| k      | `router_top_k`        | top-k experts per visual token (Eq. 9-10)     |
+| tau    | `moco_temperature`    | logit scale of the MoCo similarities (Eq. 5)  |
+| lambda | `moco_lambda`         | row vs column weight of L_moco (Eq. 7)        |
+| m      | `moco_momentum`       | EMA coefficient of the momentum head (Eq. 8)  |
+| mu     | `moco_weight`         | weight of L_moco in the total loss (Eq. 11)   |
+| N      | `moco_queue_size`     | length of the negative queue (Sec. 3.2.1)     |
+| gamma  | `residual_gamma`      | weight of cached features in Q (Eq. 3)        |
+| p      | `residual_prob`       | Bernoulli probability of each gate p_i (Eq. 3)|
+
+The paper gives no numbers for N, m, tau, lambda, mu, gamma or p; the defaults below are MoCo's
+(N=4096 scaled to batch 128, m=0.999, tau=0.07) and neutral choices (lambda=0.5, gamma=1, p=0.5, mu=0.1).
+"""
+
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.grounding_dino import GroundingDinoConfig
+from transformers.models.sam2 import Sam2VisionConfig
+from transformers.models.siglip import SiglipVisionConfig
+
+#: The four experts, coarse to fine. Their order is fixed: router columns, checkpoints and the
+#: pre-alignment schedule all index experts by position in this tuple.
+EXPERT_NAMES: tuple[str, ...] = ("caption", "classification", "detection", "segmentation")
+
+
+def swin_output_width(swin_config) -> int:
+    """Channel width of a Swin backbone's last stage: the embedding doubles at every patch merge."""
+    return swin_config.embed_dim * 2 ** (len(swin_config.depths) - 1)
+
+
+@strict
+class AstreaTaggerConfig(PreTrainedConfig):
+    r"""
+    A RAM++-style image tagger: a Swin image encoder (transformers' `SwinModel`), an image projection, and a tag
+    decoder in which one learned query per tag cross-attends to the projected image tokens.
+
+    vision_config (`SwinConfig`): the image encoder; defaults to Swin-L at 384x384 (RAM++'s backbone).
+    vision_width (`int`): width of the encoder's last stage; must equal the Swin config's (1536 for Swin-L).
+    num_tags (`int`): number of tags (4,585 in the released RAM++).
+    tag_hidden_size, tag_num_layers, tag_num_heads, tag_intermediate_size: size of the tag decoder.
+    tag_threshold (`float`): default probability above which a tag is predicted.
+    """
+
+    model_type = "astrea_tagger"
+    sub_configs_defaults: ClassVar = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="swin",
+            init_kwargs={
+                "image_size": 384,
+                "patch_size": 4,
+                "embed_dim": 192,
+                "depths": [2, 2, 18, 2],
+                "num_heads": [6, 12, 24, 48],
+                "window_size": 12,
+            },
+        )
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    vision_width: int = 1536
+    num_tags: int = 4585
+    tag_hidden_size: int = 768
+    tag_num_layers: int = 2
+    tag_num_heads: int = 4
+    tag_intermediate_size: int = 3072
+    tag_threshold: float = 0.68
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_sizes()
+
+    def check_sizes(self):
+        """Raises ValueError when the tag head does not fit the Swin encoder (runs at construction and load)."""
+        width = swin_output_width(self.vision_config)
+        if width != self.vision_width:
+            raise ValueError(
+                f"AstreaTaggerConfig: vision_width={self.vision_width} does not fit the Swin encoder, whose last "
+                f"stage is {width} wide (embed_dim={self.vision_config.embed_dim}, {len(self.vision_config.depths)} "
+                "stages)."
+            )
+        if self.tag_hidden_size % self.tag_num_heads:
+            raise ValueError(
+                f"AstreaTaggerConfig: tag_hidden_size={self.tag_hidden_size} is not divisible by "
+                f"tag_num_heads={self.tag_num_heads}."
+            )
+
+
+@strict
+class AstreaConfig(PreTrainedConfig):
+    r"""
+    Astrea: a LLaVA-style vision-language model whose visual tokens are a routed mixture of four task experts.
+
+    text_config (`PreTrainedConfig`): any causal LM config (Llama/Vicuna, Qwen2, Yi, ...).
+    caption_config (`SiglipVisionConfig`): the caption / global expert (SigLIP).
+    classification_config (`AstreaTaggerConfig`): the classification expert (RAM++-style tagger).
+    detection_config (`GroundingDinoConfig`): the detection expert (Grounding DINO).
+    segmentation_config (`Sam2VisionConfig`): the segmentation expert (SAM2's image encoder).
+    image_token_id (`int`): id of the image placeholder token in the LLM vocabulary.
+    image_grid_size (`int`): every expert's feature grid is resampled to this side; an image becomes
+        `image_grid_size**2` visual tokens (24 -> 576, the paper's Table 1 budget).
+    router_top_k (`int`): k of the top-k router (Eq. 9-10; paper default 3 of 4, Table 3).
+    adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
+    projector_hidden_act (`str`): activation of the expert projectors (Linear-act-Linear FFNs).
+    detection_feature_level (`int`): which level of Grounding DINO's multi-scale encoder memory is the grid.
+    detection_prompt_ids (`list[int]`): token ids (in the detection expert's BERT vocabulary) of the generic
+        phrase list that conditions Grounding DINO when no prompt is given; default "[CLS] object . [SEP]".
+    freeze_experts (`bool`): expert backbones are frozen and run without autograd.
+    use_moco, moco_embed_dim, moco_queue_size, moco_momentum, moco_temperature, moco_lambda, moco_weight:
+        the momentum-contrastive loss (Eq. 5-8, 11); see the module docstring for the symbols.
+    residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
+    """
+
+    model_type = "astrea"
+    sub_configs_defaults: ClassVar = {
+        # Llama with one extra token for the image placeholder (Vicuna-1.5's 32000 + `<image>`)
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32001}),
+        "caption_config": SubConfigSpec(
+            config_class=SiglipVisionConfig,
+            init_kwargs={  # SigLIP ViT-SO400M/14@384
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_hidden_layers": 27,
+                "num_attention_heads": 16,
+                "image_size": 384,
+                "patch_size": 14,
+            },
+        ),
+        "classification_config": AstreaTaggerConfig,
+        "detection_config": GroundingDinoConfig,
+        "segmentation_config": Sam2VisionConfig,
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    caption_config: dict | PreTrainedConfig | None = None
+    classification_config: dict | PreTrainedConfig | None = None
+    detection_config: dict | PreTrainedConfig | None = None
+    segmentation_config: dict | PreTrainedConfig | None = None
+
+    image_token_id: int = 32000
+    image_grid_size: int = 24
+    router_top_k: int = 3
+    adapter_hidden_size: int = 1024
+    projector_hidden_act: str = "gelu"
+    detection_feature_level: int = 1
+    detection_prompt_ids: list[int] | None = None
+    freeze_experts: bool = True
+
+    use_moco: bool = True
+    moco_embed_dim: int = 256
+    moco_queue_size: int = 4096
+    moco_momentum: float = 0.999
+    moco_temperature: float = 0.07
+    moco_lambda: float = 0.5
+    moco_weight: float = 0.1
+
+    residual_gamma: float = 1.0
+    residual_prob: float = 0.5
+
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.detection_prompt_ids is None:
+            self.detection_prompt_ids = [101, 4874, 1012, 102]  # bert-base-uncased: [CLS] object . [SEP]
+        super().__post_init__(**kwargs)
+        self.check_sizes()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: the common grid, flattened."""
+        return self.image_grid_size**2
+
+    @property
+    def num_experts(self) -> int:
+        return len(EXPERT_NAMES)
+
+    def expert_config(self, name: str) -> PreTrainedConfig:
+        return getattr(self, f"{name}_config")
+
+    @property
+    def expert_hidden_sizes(self) -> dict[str, int]:
+        """Channel width of each expert's feature grid, i.e. the input width of its projector."""
+        return {
+            "caption": self.caption_config.hidden_size,
+            "classification": self.classification_config.vision_width,
+            "detection": self.detection_config.d_model,
+            "segmentation": self.segmentation_config.fpn_hidden_size,
+        }
+
+    def check_sizes(self):
+        """Raises ValueError when a knob is out of range or the experts' sizes do not fit together (runs at
+        construction and load, so a bad config fails before any weight is built)."""
+        problems = []
+        if not 1 <= self.router_top_k <= len(EXPERT_NAMES):
+            problems.append(f"router_top_k={self.router_top_k} must be between 1 and {len(EXPERT_NAMES)}")
+        if self.image_grid_size < 1:
+            problems.append(f"image_grid_size={self.image_grid_size} must be positive")
+        if self.adapter_hidden_size < 1 or self.moco_embed_dim < 1 or self.moco_queue_size < 1:
+            problems.append("adapter_hidden_size, moco_embed_dim and moco_queue_size must be positive")
+        if not 0.0 <= self.moco_momentum < 1.0:
+            problems.append(f"moco_momentum={self.moco_momentum} must be in [0, 1) (Eq. 8)")
+        if self.moco_temperature <= 0:
+            problems.append(f"moco_temperature={self.moco_temperature} must be positive (Eq. 5)")
+        if not 0.0 <= self.moco_lambda <= 1.0:
+            problems.append(f"moco_lambda={self.moco_lambda} must be in [0, 1] (Eq. 7)")
+        if not 0.0 <= self.residual_prob <= 1.0:
+            problems.append(f"residual_prob={self.residual_prob} must be in [0, 1] (Eq. 3)")
+        caption = self.caption_config
+        if caption.image_size < caption.patch_size:
+            problems.append(
+                f"caption expert: image_size={caption.image_size} is smaller than one patch ({caption.patch_size})"
+            )
+        levels = self.detection_config.num_feature_levels
+        if not 0 <= self.detection_feature_level < levels:
+            problems.append(
+                f"detection_feature_level={self.detection_feature_level} is not one of the detection expert's "
+                f"{levels} feature levels"
+            )
+        if self.detection_config.d_model % 32:
+            problems.append(
+                f"detection expert: d_model={self.detection_config.d_model} must be a multiple of 32 "
+                "(Grounding DINO normalises it with GroupNorm(32))"
+            )
+        classification = self.classification_config
+        if classification.vision_width != swin_output_width(classification.vision_config):
+            problems.append(
+                f"classification expert: vision_width={classification.vision_width} does not fit its Swin "
+                f"encoder ({swin_output_width(classification.vision_config)} wide)"
+            )
+        text = self.text_config
+        if not hasattr(text, "hidden_size") or not hasattr(text, "vocab_size"):
+            problems.append(f"text_config ({type(text).__name__}) has no hidden_size/vocab_size: not a causal LM")
+        elif not 0 <= self.image_token_id < text.vocab_size:
+            problems.append(
+                f"image_token_id={self.image_token_id} is outside the LLM vocabulary (vocab_size={text.vocab_size})"
+            )
+        if problems:
+            raise ValueError("Invalid AstreaConfig: " + "; ".join(problems) + ".")
+
+
+__all__ = ["EXPERT_NAMES", "AstreaConfig", "AstreaTaggerConfig"]

@@ -1,0 +1,730 @@
+"""Astrea: four task experts (SigLIP, RAM++ tagger, Grounding DINO, SAM2) routed into one LLM.
+
+Read top to bottom: output dataclasses, the expert wrappers (each returns a feature grid), the fusion blocks
+(projector, adapter, router, residual attention, MoCo), then `AstreaModel` (no head) and
+`AstreaForConditionalGeneration` (LM head, losses, generation).
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .configuration_astrea import EXPERT_NAMES, AstreaConfig
+from .modeling_astrea_tagger import AstreaTaggerModel
+
+logger = logging.get_logger(__name__)
+
+#: Name of each expert's pixel input in `forward`, `generate` and the processor's output. The caption expert
+#: takes the conventional `pixel_values`, which is also what makes `generate()` encode images once at prefill.
+PIXEL_INPUT_NAMES: dict[str, str] = {
+    "caption": "pixel_values",
+    "classification": "classification_pixel_values",
+    "detection": "detection_pixel_values",
+    "segmentation": "segmentation_pixel_values",
+}
+
+
+@dataclass
+class AstreaImageFeatures(ModelOutput):
+    """
+    pooler_output (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`): the fused visual
+        tokens f of Eq. 10 that replace the image placeholders (the name is the one `generate()` looks for).
+    router_probs (`torch.FloatTensor` of shape `(num_images, num_image_tokens, num_experts)`): P of Eq. 9, with
+        exactly `num_experts - router_top_k` zeros per token; columns in `EXPERT_NAMES` order.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+
+
+@dataclass
+class AstreaModelOutputWithPast(ModelOutput):
+    """
+    last_hidden_state (`(batch_size, sequence_length, hidden_size)`): the LLM's last hidden states.
+    past_key_values (`Cache`): the LLM's KV cache.
+    hidden_states, attentions: as returned by the LLM when asked for.
+    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens merged into the input.
+    router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+
+
+@dataclass
+class AstreaCausalLMOutputWithPast(ModelOutput):
+    """
+    loss (`()`): L_total = L_reg + mu * L_moco (Eq. 11) when `labels` are given (L_reg alone without MoCo).
+    loss_reg (`()`): the language-modelling loss L_reg (Eq. 1).
+    loss_moco (`()`): the momentum-contrastive loss L_moco (Eq. 7); None when MoCo is off or there are no images.
+    logits (`(batch_size, sequence_length, vocab_size)`): LM head scores.
+    past_key_values, hidden_states, attentions: as returned by the LLM.
+    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens.
+    router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_reg: torch.FloatTensor | None = None
+    loss_moco: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+
+
+# --- The experts: each wraps a transformers model and returns a channels-first feature grid -----------------
+
+
+def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[N, h*w, C] -> [N, C, h, w]"""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+class AstreaCaptionExpert(nn.Module):
+    """SigLIP vision tower: the patch tokens of its last layer (27x27 for SO400M/14@384)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = AutoModel.from_config(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.model(pixel_values=pixel_values).last_hidden_state  # [N, h*w, C]
+        patch = self.model.config.patch_size
+        return tokens_to_grid(tokens, pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+
+
+class AstreaClassificationExpert(nn.Module):
+    """RAM++-style tagger: the Swin encoder's last-stage tokens (12x12 for Swin-L@384) feed Astrea."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = AstreaTaggerModel(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # [N, h*w, C]
+        side = math.isqrt(tokens.shape[1])
+        height, width = (side, side) if side * side == tokens.shape[1] else self._grid(pixel_values.shape[-2:])
+        return tokens_to_grid(tokens, height, width)
+
+    def _grid(self, size) -> tuple[int, int]:
+        config = self.model.config.vision_config
+        height, width = (math.ceil(s / config.patch_size) for s in size)
+        for _ in range(len(config.depths) - 1):
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+        return height, width
+
+
+class AstreaDetectionExpert(nn.Module):
+    """Grounding DINO: one level of its text-conditioned encoder memory (`encoder_last_hidden_state_vision`).
+
+    The visual memory depends on a text prompt; without one, the config's generic phrase list is used.
+    """
+
+    def __init__(self, config, feature_level: int, prompt_ids: list[int]):
+        super().__init__()
+        self.model = AutoModel.from_config(config)
+        self.feature_level = feature_level
+        self.register_buffer("prompt_ids", torch.tensor([prompt_ids], dtype=torch.long), persistent=False)
+
+    def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(h, w) of each level of the encoder memory for an input of height x width: the backbone's selected
+        stages (patch embedding, then halving at each merge), then extra stride-2 levels."""
+        config = self.model.config
+        backbone = config.backbone_config
+        h, w = math.ceil(height / backbone.patch_size), math.ceil(width / backbone.patch_size)
+        stage_shapes = [(h, w)]
+        for _ in range(len(backbone.depths) - 1):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            stage_shapes.append((h, w))
+        shapes = [stage_shapes[index - 1] for index in backbone.out_indices]
+        while len(shapes) < config.num_feature_levels:
+            h, w = shapes[-1]
+            shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+        return shapes
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            input_ids = self.prompt_ids.expand(pixel_values.shape[0], -1)
+        output = self.model(
+            pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids, attention_mask=attention_mask
+        )
+        memory = output.encoder_last_hidden_state_vision  # [N, sum_l h_l*w_l, d]
+        shapes = self.level_shapes(*pixel_values.shape[-2:])
+        sizes = [h * w for h, w in shapes]
+        if sum(sizes) != memory.shape[1]:
+            raise ValueError(
+                f"Grounding DINO returned {memory.shape[1]} visual tokens for a {tuple(pixel_values.shape[-2:])} "
+                f"input, but its levels {shapes} add up to {sum(sizes)}."
+            )
+        start = sum(sizes[: self.feature_level])
+        level = memory[:, start : start + sizes[self.feature_level]]
+        return tokens_to_grid(level, *shapes[self.feature_level])
+
+
+class AstreaSegmentationExpert(nn.Module):
+    """SAM2's image encoder (Hiera + FPN neck): its coarsest FPN map, the image embedding (64x64 at 1024^2)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = AutoModel.from_config(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).fpn_hidden_states[-1]  # [N, C, h, w]
+
+
+# --- Fusion blocks ----------------------------------------------------------------------------------------
+
+
+class AstreaProjector(nn.Module):
+    """An expert's FFN (Linear-act-Linear) from its feature width to the LLM hidden size (Sec. 3.1.1)."""
+
+    def __init__(self, in_features: int, hidden_size: int, act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class AstreaAdapter(nn.Module):
+    """F_i of Eq. 10: a bottleneck MLP with a residual; the up-projection starts at zero, so F_i starts as identity
+    and instruction tuning begins from the pre-aligned projectors unchanged."""
+
+    def __init__(self, hidden_size: int, adapter_size: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, adapter_size)
+        self.act = nn.GELU()
+        self.up = nn.Linear(adapter_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.up(self.act(self.down(features)))
+
+
+def top_k_router_probs(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Eq. 9: keep the k largest logits per token, mask the rest to -inf, softmax (in float32)."""
+    logits = router_logits.float()
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(top_k, dim=-1).indices, True)
+    return logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+
+
+class AstreaResidualAttention(nn.Module):
+    """Random residual connection of pre-alignment (Eq. 2-4).
+
+    For stage k the query comes from the cached features of the earlier experts, gated by p_i ~ Bernoulli(p)
+    during training (all gates open at evaluation); keys and values come from expert k's own features:
+        Q = F_q(gamma * sum_i p_i C_i),  K = F_k(f_k),  V = F_v(f_k),  f'_k = f_k + softmax(Q K^T / sqrt(d)) V.
+    Without cached features (stage 1) or with every gate closed, f'_k = f_k.
+    """
+
+    def __init__(self, hidden_size: int, gamma: float, prob: float):
+        super().__init__()
+        self.gamma = gamma
+        self.prob = prob
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+
+    def sample_gates(self, batch_size: int, num_cached: int, device) -> torch.Tensor:
+        if not self.training:
+            return torch.ones(batch_size, num_cached, device=device)
+        return torch.bernoulli(torch.full((batch_size, num_cached), self.prob, device=device))
+
+    def forward(
+        self, features: torch.Tensor, cached_features: torch.Tensor | None, gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features: [B, P, D] (f_k); cached_features: [B, k-1, P, D] (C_1..C_{k-1}) or None; gates: [B, k-1]."""
+        if cached_features is None or cached_features.shape[1] == 0:
+            return features
+        if gates is None:
+            gates = self.sample_gates(features.shape[0], cached_features.shape[1], features.device)
+        gates = gates.to(features.dtype)
+        memory = self.gamma * (gates[:, :, None, None] * cached_features).sum(dim=1)  # [B, P, D]
+        query, key, value = self.query(memory), self.key(features), self.value(features)
+        attended = F.scaled_dot_product_attention(query, key, value)  # softmax(QK^T/sqrt(d)) V
+        any_open = (gates.sum(dim=1) > 0).to(features.dtype)[:, None, None]
+        return features + any_open * attended
+
+
+class AstreaMoCo(nn.Module):
+    """Momentum contrast between images and their text (Sec. 3.2.1, as DESIGN.md reads Eq. 5-8).
+
+    Queries: the online head on mean-pooled fused visual tokens. Keys: the momentum (EMA) copy of that head on
+    the mean-pooled input embeddings of the paired target text, under no_grad. Negatives: the batch's other keys
+    and a queue of earlier keys (gathered across processes under torch.distributed).
+    """
+
+    def __init__(self, config: AstreaConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.momentum = config.moco_momentum
+        self.temperature = config.moco_temperature
+        self.lam = config.moco_lambda
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_embed_dim))
+        self.momentum_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer("queue", torch.zeros(config.moco_queue_size, config.moco_embed_dim))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def reset_momentum_head(self):
+        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters()):
+            momentum.copy_(online)
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E."""
+        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters()):
+            momentum.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor):
+        """Write the batch's keys (from every process) over the oldest entries of the ring buffer."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [torch.empty_like(keys) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, keys.contiguous())
+            keys = torch.cat(gathered)
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
+
+    def embed_images(self, pooled_visual: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(pooled_visual), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, pooled_text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.momentum_head(pooled_text), dim=-1)
+
+    def forward(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
+        """pooled_visual, pooled_text: [B, D] for B image-text pairs -> scalar L_moco (Eq. 7)."""
+        if self.training:
+            self.momentum_update()
+        queries = self.embed_images(pooled_visual)  # [B, d]
+        keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d]
+        negatives = self.queue[: int(self.queue_len)].to(queries.dtype).clone()  # [n, d]
+        similarities = queries @ torch.cat([keys, negatives]).T / self.temperature  # S, Eq. 5: [B, B + n]
+        log_r = similarities.log_softmax(dim=1).diagonal()  # r_i: row softmax at the positive (Eq. 6)
+        log_c = similarities[:, : keys.shape[0]].log_softmax(dim=0).diagonal()  # c_i: column softmax in the batch
+        loss = -(self.lam * log_r + (1.0 - self.lam) * log_c).mean()  # Eq. 7
+        if self.training:
+            self.enqueue(keys)
+        return loss
+
+
+# --- Models -------------------------------------------------------------------------------------------------
+
+
+class AstreaPreTrainedModel(PreTrainedModel):
+    config: AstreaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = [
+        "AstreaCaptionExpert",
+        "AstreaClassificationExpert",
+        "AstreaDetectionExpert",
+        "AstreaSegmentationExpert",
+    ]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AstreaAdapter):
+            module.up.weight.zero_()
+            module.up.bias.zero_()
+        elif isinstance(module, AstreaMoCo):
+            module.reset_momentum_head()
+            module.queue.zero_()
+            module.queue_ptr.zero_()
+            module.queue_len.zero_()
+
+
+class AstreaModel(AstreaPreTrainedModel):
+    """Experts, projectors, router, adapters and the LLM (no LM head)."""
+
+    def __init__(self, config: AstreaConfig):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.experts = nn.ModuleDict(
+            {
+                "caption": AstreaCaptionExpert(config.caption_config),
+                "classification": AstreaClassificationExpert(config.classification_config),
+                "detection": AstreaDetectionExpert(
+                    config.detection_config, config.detection_feature_level, config.detection_prompt_ids
+                ),
+                "segmentation": AstreaSegmentationExpert(config.segmentation_config),
+            }
+        )
+        self.projectors = nn.ModuleDict(
+            {
+                name: AstreaProjector(width, hidden, config.projector_hidden_act)
+                for name, width in config.expert_hidden_sizes.items()
+            }
+        )
+        self.router = nn.Linear(len(EXPERT_NAMES) * hidden, len(EXPERT_NAMES))
+        self.adapters = nn.ModuleDict({name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES})
+        self.residual_attention = nn.ModuleDict(
+            {
+                name: AstreaResidualAttention(hidden, config.residual_gamma, config.residual_prob)
+                for name in EXPERT_NAMES[1:]
+            }
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.freeze_experts:
+            self.experts.requires_grad_(False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_expert_features(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        classification_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_values: torch.FloatTensor | None = None,
+        segmentation_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_mask: torch.LongTensor | None = None,
+        detection_input_ids: torch.LongTensor | None = None,
+        detection_attention_mask: torch.LongTensor | None = None,
+        experts: tuple[str, ...] = EXPERT_NAMES,
+    ) -> dict[str, torch.Tensor]:
+        """Run the named experts (all four by default) and resample each grid to the common one.
+
+        Returns `{name: [num_images, image_grid_size**2, expert_width]}`: the features before projection, which
+        are what a feature cache stores for frozen experts.
+        """
+        inputs = {
+            "caption": pixel_values,
+            "classification": classification_pixel_values,
+            "detection": detection_pixel_values,
+            "segmentation": segmentation_pixel_values,
+        }
+        missing = [PIXEL_INPUT_NAMES[name] for name in experts if inputs[name] is None]
+        if missing:
+            raise ValueError(
+                f"Astrea needs pixel inputs for every expert; missing: {', '.join(missing)}. Build inputs with "
+                "AstreaProcessor / AstreaImageProcessor, which returns one tensor per expert."
+            )
+        counts = {PIXEL_INPUT_NAMES[name]: inputs[name].shape[0] for name in experts}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"Every expert must get the same images, but the pixel inputs hold {counts} images.")
+        grid = self.config.image_grid_size
+        features = {}
+        for name in experts:
+            expert = self.experts[name]
+            kwargs = {}
+            if name == "detection":
+                kwargs = {"pixel_mask": detection_pixel_mask, "input_ids": detection_input_ids,
+                          "attention_mask": detection_attention_mask}  # fmt: skip
+            dtype = next(expert.parameters()).dtype
+            frozen = not any(parameter.requires_grad for parameter in expert.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                feature_map = expert(inputs[name].to(dtype), **kwargs)  # [N, C, h, w]
+            if feature_map.shape[-2:] != (grid, grid):
+                shrinking = feature_map.shape[-2] > grid or feature_map.shape[-1] > grid
+                feature_map = F.interpolate(
+                    feature_map, size=(grid, grid), mode="bilinear", align_corners=False, antialias=shrinking
+                )
+            features[name] = feature_map.flatten(2).transpose(1, 2)  # [N, P, C]
+        return features
+
+    def fuse_expert_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:
+        """Project each expert's features, route (Eq. 9) and mix the adapted features (Eq. 10)."""
+        projected = [self.projectors[name](expert_features[name]) for name in EXPERT_NAMES]  # E x [N, P, D]
+        router_logits = self.router(torch.cat(projected, dim=-1))  # [N, P, E]
+        router_probs = top_k_router_probs(router_logits, self.config.router_top_k)  # [N, P, E]
+        adapted = torch.stack([self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected)], dim=-2)
+        fused = (router_probs.unsqueeze(-1).to(adapted.dtype) * adapted).sum(dim=-2)  # [N, P, D]
+        return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        classification_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_values: torch.FloatTensor | None = None,
+        segmentation_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_mask: torch.LongTensor | None = None,
+        detection_input_ids: torch.LongTensor | None = None,
+        detection_attention_mask: torch.LongTensor | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> AstreaImageFeatures:
+        """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`."""
+        if expert_features is None:
+            expert_features = self.get_expert_features(
+                pixel_values=pixel_values,
+                classification_pixel_values=classification_pixel_values,
+                detection_pixel_values=detection_pixel_values,
+                segmentation_pixel_values=segmentation_pixel_values,
+                detection_pixel_mask=detection_pixel_mask,
+                detection_input_ids=detection_input_ids,
+                detection_attention_mask=detection_attention_mask,
+            )
+        return self.fuse_expert_features(expert_features)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, T] mask of image placeholders, checked against the number of visual tokens to place."""
+        mask = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            per_image = self.config.num_image_tokens
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {n_tokens} image tokens "
+                f"({n_tokens / per_image:g} images' worth at {per_image} tokens per image) but "
+                f"{image_features.shape[0]} images were given ({n_features} visual tokens)."
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        classification_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_values: torch.FloatTensor | None = None,
+        segmentation_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_mask: torch.LongTensor | None = None,
+        detection_input_ids: torch.LongTensor | None = None,
+        detection_attention_mask: torch.LongTensor | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
+        **kwargs,
+    ) -> AstreaModelOutputWithPast:
+        # 1. check inputs
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        has_pixels = any(
+            x is not None
+            for x in (pixel_values, classification_pixel_values, detection_pixel_values, segmentation_pixel_values)
+        )
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if (has_pixels or expert_features is not None) and mm_encoder_outputs.get("image") is not None:
+            raise ValueError("Pass images either as pixel inputs / expert_features or as mm_encoder_outputs.")
+
+        # 2. embed
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, D]
+
+        # 3. image features (once per image; generate() encodes at prefill and passes mm_encoder_outputs)
+        if mm_encoder_outputs.get("image") is None and (has_pixels or expert_features is not None):
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                classification_pixel_values=classification_pixel_values,
+                detection_pixel_values=detection_pixel_values,
+                segmentation_pixel_values=segmentation_pixel_values,
+                detection_pixel_mask=detection_pixel_mask,
+                detection_input_ids=detection_input_ids,
+                detection_attention_mask=detection_attention_mask,
+                expert_features=expert_features,
+            )
+
+        # 4. merge: fused visual tokens replace the image placeholders
+        image_features = router_probs = None
+        if (image_output := mm_encoder_outputs.get("image")) is not None:
+            image_features = image_output.pooler_output
+            if isinstance(image_features, (list, tuple)):
+                image_features = torch.stack(list(image_features))
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # [N, P, D]
+            router_probs = getattr(image_output, "router_probs", None)
+            if input_ids is None:
+                raise ValueError("Images need input_ids to find their placeholders; inputs_embeds alone has none.")
+            mask = self.get_placeholder_mask(input_ids, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
+            n_tokens = int((input_ids == self.config.image_token_id).sum())
+            raise ValueError(f"The text holds {n_tokens} image tokens but no images were given.")
+
+        # 5. language model
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return AstreaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            router_probs=router_probs,
+        )
+
+
+class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AstreaConfig):
+        super().__init__(config)
+        self.model = AstreaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.moco = AstreaMoCo(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, **kwargs) -> AstreaImageFeatures:
+        return self.model.get_image_features(**kwargs)
+
+    def get_expert_features(self, **kwargs) -> dict[str, torch.Tensor]:
+        return self.model.get_expert_features(**kwargs)
+
+    def _moco_pairs(
+        self, input_ids: torch.LongTensor, labels: torch.LongTensor, image_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean-pooled visual tokens and target-text embeddings for each sample that has both: [B', D] each."""
+        image_mask = input_ids == self.config.image_token_id  # [B, T]
+        text_mask = (labels != -100) & ~image_mask  # the target text
+        images_per_sample = image_mask.sum(dim=1) // self.config.num_image_tokens  # [B]
+        keep = (images_per_sample > 0) & text_mask.any(dim=1)
+        if not keep.any():
+            return None
+        sample_of_image = torch.repeat_interleave(torch.arange(len(input_ids), device=input_ids.device),
+                                                  images_per_sample)  # fmt: skip
+        pooled_images = image_features.mean(dim=1)  # [N, D]
+        visual = torch.zeros(len(input_ids), pooled_images.shape[-1], device=pooled_images.device,
+                             dtype=pooled_images.dtype).index_add_(0, sample_of_image, pooled_images)  # fmt: skip
+        visual = visual / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual.dtype)
+        with torch.no_grad():
+            text_embeds = self.get_input_embeddings()(input_ids) * text_mask.unsqueeze(-1)
+            text = text_embeds.sum(dim=1) / text_mask.sum(dim=1, keepdim=True).clamp(min=1)
+        return visual[keep], text[keep]
+
+    def get_image_embeddings(self, **image_inputs) -> torch.Tensor:
+        """L2-normalised image embeddings from the MoCo head (for retrieval): [num_images, moco_embed_dim]."""
+        fused = self.get_image_features(**image_inputs).pooler_output
+        return self.moco.embed_images(fused.mean(dim=1))
+
+    @torch.no_grad()
+    def get_text_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """L2-normalised text embeddings from the momentum MoCo head (for retrieval): [batch, moco_embed_dim]."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        embeds = self.get_input_embeddings()(input_ids) * mask.unsqueeze(-1)
+        return self.moco.embed_texts(embeds.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        classification_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_values: torch.FloatTensor | None = None,
+        segmentation_pixel_values: torch.FloatTensor | None = None,
+        detection_pixel_mask: torch.LongTensor | None = None,
+        detection_input_ids: torch.LongTensor | None = None,
+        detection_attention_mask: torch.LongTensor | None = None,
+        expert_features: dict[str, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
+        **kwargs,
+    ) -> AstreaCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            classification_pixel_values=classification_pixel_values,
+            detection_pixel_values=detection_pixel_values,
+            segmentation_pixel_values=segmentation_pixel_values,
+            detection_pixel_mask=detection_pixel_mask,
+            detection_input_ids=detection_input_ids,
+            detection_attention_mask=detection_attention_mask,
+            expert_features=expert_features,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = loss_reg = loss_moco = None
+        if labels is not None:
+            loss_reg = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )  # Eq. 1
+            loss = loss_reg
+            if self.config.use_moco and outputs.image_hidden_states is not None and input_ids is not None:
+                pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states)
+                if pairs is not None:
+                    loss_moco = self.moco(*pairs)  # Eq. 5-8
+                    loss = loss_reg + self.config.moco_weight * loss_moco  # Eq. 11
+
+        return AstreaCausalLMOutputWithPast(
+            loss=loss,
+            loss_reg=loss_reg,
+            loss_moco=loss_moco,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            router_probs=outputs.router_probs,
+        )
+
+
+__all__ = [
+    "EXPERT_NAMES",
+    "PIXEL_INPUT_NAMES",
+    "AstreaAdapter",
+    "AstreaForConditionalGeneration",
+    "AstreaImageFeatures",
+    "AstreaModel",
+    "AstreaMoCo",
+    "AstreaPreTrainedModel",
+    "AstreaResidualAttention",
+    "top_k_router_probs",
+]

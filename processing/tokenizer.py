@@ -1,0 +1,66 @@
+"""The tiny model's tokenizer, built here offline (no Hub): a byte-level BPE trained on a small built-in corpus.
+
+Byte-level means no text is ever out of vocabulary; the corpus only decides which merges exist. The image
+placeholder `<image>` is a special token, so it is never split.
+"""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]  # ids 0..3, matching the tiny text config
+
+#: Vicuna-style chat: "USER: <image>\nquestion\nASSISTANT: answer</s>". Content may be a string or a list of
+#: {"type": "image"} / {"type": "text", "text": ...} parts, as transformers' chat messages are.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}\n"
+    "{% else %}{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_WORDS = (
+    "a an the is are there of in on at to and or with without what which where how many much does do this that "
+    "image picture photo shows contains left right top bottom above below middle center largest smallest "
+    "biggest object objects shape shapes colour color background yes no one two three four five six seven "
+    "eight nine ten zero red green blue yellow orange purple pink white black gray grey brown cyan magenta "
+    "circle square triangle rectangle star ellipse diamond hexagon cross ring small medium large big tiny "
+    "caption tags boxes box region regions mask segmentation detection classification describe answer "
+    "question user assistant please briefly of near next between count number"
+)
+
+
+def _corpus():
+    words = _WORDS.split()
+    for i, word in enumerate(words):
+        yield f"{word} {words[(i * 7) % len(words)]} {words[(i * 13) % len(words)]}, {i} ({i}, {i * 3})."
+        yield f"USER: {word}? ASSISTANT: {word.capitalize()}."
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )

@@ -1,0 +1,36 @@
+"""Astrea for Hugging Face Transformers.
+
+Installed import names: `modeling_astrea` (the model; also the remote-code files) and the namespace `astrea`
+for the rest: `processing/` -> `astrea.processing`, `training/` -> `astrea.training`,
+`hub_cards/` -> `astrea.hub_cards`. No generic top-level name such as `processing` is installed.
+"""
+
+from setuptools import setup
+
+setup(
+    name="astrea",
+    version="0.1.0",
+    description="Astrea: a MoE-based vision-language model with progressive alignment, for transformers",
+    python_requires=">=3.10",
+    packages=["modeling_astrea", "astrea.processing", "astrea.training", "astrea.hub_cards"],
+    package_dir={
+        "modeling_astrea": "modeling_astrea",
+        "astrea.processing": "processing",
+        "astrea.training": "training",
+        "astrea.hub_cards": "hub_cards",
+    },
+    install_requires=[
+        "torch>=2.4",  # install with `-c constraints.txt`, which holds torch==2.13.0
+        "transformers==5.23.0",
+        "tokenizers",
+        "safetensors",
+        "huggingface_hub",
+        "accelerate",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "gpu": ["flash-attn", "bitsandbytes"],
+    },
+)
