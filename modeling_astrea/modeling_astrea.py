@@ -218,6 +218,7 @@ class AstreaAdapter(nn.Module):
         self.down = nn.Linear(hidden_size, adapter_size)
         self.act = nn.GELU()
         self.up = nn.Linear(adapter_size, hidden_size)
+        self.up.zero_init = True  # read by AstreaPreTrainedModel._init_weights
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features + self.up(self.act(self.down(features)))
@@ -359,9 +360,9 @@ class AstreaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, AstreaAdapter):
-            module.up.weight.zero_()
-            module.up.bias.zero_()
+        if getattr(module, "zero_init", False):
+            module.weight.zero_()
+            module.bias.zero_()
         elif isinstance(module, AstreaMoCo):
             module.reset_momentum_head()
             module.queue.zero_()
@@ -409,6 +410,15 @@ class AstreaModel(AstreaPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
+
+    def train(self, mode: bool = True):
+        """Frozen experts stay in eval mode while the rest trains: no dropout or drop-path in a fixed feature
+        extractor, so a cached feature equals a recomputed one."""
+        super().train(mode)
+        for expert in self.experts.values():
+            if not any(parameter.requires_grad for parameter in expert.parameters()):
+                expert.eval()
+        return self
 
     def get_expert_features(
         self,

@@ -1,0 +1,33 @@
+"""Helpers shared by the tests: where the tiny config lives and random inputs shaped for it."""
+
+from pathlib import Path
+
+import torch
+
+from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "configs" / "tiny"
+
+
+def expert_image_sizes(config: AstreaConfig) -> dict[str, int]:
+    """Input side of each expert, keyed by its pixel input name."""
+    return {
+        "pixel_values": config.caption_config.image_size,
+        "classification_pixel_values": config.classification_config.vision_config.image_size,
+        "detection_pixel_values": config.detection_config.backbone_config.image_size,
+        "segmentation_pixel_values": config.segmentation_config.backbone_config.image_size[0],
+    }
+
+
+def random_pixels(config: AstreaConfig, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(num_images, 3, side, side, generator=generator)
+        for name, side in expert_image_sizes(config).items()
+    }
+
+
+def prompt_ids(config: AstreaConfig, text_ids: list[int], num_images: int = 1) -> list[int]:
+    """BOS, the placeholders of `num_images` images, then the text."""
+    return [1] + [config.image_token_id] * (config.num_image_tokens * num_images) + text_ids
