@@ -139,7 +139,7 @@ class AstreaDetectionExpert(nn.Module):
         super().__init__()
         self.model = AutoModel.from_config(config)
         self.feature_level = feature_level
-        self.register_buffer("prompt_ids", torch.tensor([prompt_ids], dtype=torch.long), persistent=False)
+        self.prompt_ids = list(prompt_ids)  # a plain list: from_pretrained would not restore a non-persistent buffer
 
     def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(h, w) of each level of the encoder memory for an input of height x width: the backbone's selected
@@ -165,7 +165,7 @@ class AstreaDetectionExpert(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if input_ids is None:
-            input_ids = self.prompt_ids.expand(pixel_values.shape[0], -1)
+            input_ids = torch.tensor([self.prompt_ids], device=pixel_values.device).expand(pixel_values.shape[0], -1)
         output = self.model(
             pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids, attention_mask=attention_mask
         )
@@ -291,13 +291,13 @@ class AstreaMoCo(nn.Module):
 
     @torch.no_grad()
     def reset_momentum_head(self):
-        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters()):
+        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters(), strict=True):
             momentum.copy_(online)
 
     @torch.no_grad()
     def momentum_update(self):
         """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E."""
-        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters()):
+        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters(), strict=True):
             momentum.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
@@ -357,6 +357,17 @@ class AstreaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def enable_input_require_grads(self):
+        """Only the LLM's token embeddings need outputs that require grad (gradient checkpointing, PEFT); the
+        default would also hook every expert's patch embedding, some of which return tuples."""
+
+        def make_output_require_grad(module, args, output):
+            output.requires_grad_(True)
+
+        hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
+        self._require_grads_hooks = [hook]
+        self._require_grads_hook = hook
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -393,7 +404,9 @@ class AstreaModel(AstreaPreTrainedModel):
             }
         )
         self.router = nn.Linear(len(EXPERT_NAMES) * hidden, len(EXPERT_NAMES))
-        self.adapters = nn.ModuleDict({name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES})
+        self.adapters = nn.ModuleDict(
+            {name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES}
+        )
         self.residual_attention = nn.ModuleDict(
             {
                 name: AstreaResidualAttention(hidden, config.residual_gamma, config.residual_prob)
@@ -401,9 +414,8 @@ class AstreaModel(AstreaPreTrainedModel):
             }
         )
         self.language_model = AutoModel.from_config(config.text_config)
-        if config.freeze_experts:
-            self.experts.requires_grad_(False)
         self.post_init()
+        self.train(self.training)  # applies config.freeze_experts
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -412,12 +424,13 @@ class AstreaModel(AstreaPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def train(self, mode: bool = True):
-        """Frozen experts stay in eval mode while the rest trains: no dropout or drop-path in a fixed feature
-        extractor, so a cached feature equals a recomputed one."""
+        """With `config.freeze_experts`, the expert backbones stay frozen and in eval mode whatever the mode: no
+        dropout or drop-path in a fixed feature extractor, so a cached feature equals a recomputed one. (This also
+        re-freezes them after `from_pretrained`, whose weight loading makes fresh trainable parameters and which
+        ends with `eval()`.) Set `freeze_experts=False` in the config to fine-tune the experts."""
         super().train(mode)
-        for expert in self.experts.values():
-            if not any(parameter.requires_grad for parameter in expert.parameters()):
-                expert.eval()
+        if self.config.freeze_experts:
+            self.experts.requires_grad_(False).eval()
         return self
 
     def get_expert_features(
@@ -476,7 +489,8 @@ class AstreaModel(AstreaPreTrainedModel):
         projected = [self.projectors[name](expert_features[name]) for name in EXPERT_NAMES]  # E x [N, P, D]
         router_logits = self.router(torch.cat(projected, dim=-1))  # [N, P, E]
         router_probs = top_k_router_probs(router_logits, self.config.router_top_k)  # [N, P, E]
-        adapted = torch.stack([self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected)], dim=-2)
+        adapted = [self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected, strict=True)]
+        adapted = torch.stack(adapted, dim=-2)  # [N, P, E, D]
         fused = (router_probs.unsqueeze(-1).to(adapted.dtype) * adapted).sum(dim=-2)  # [N, P, D]
         return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
+from modeling_astrea import AstreaConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "tiny"

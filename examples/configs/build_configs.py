@@ -66,7 +66,8 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Astr
                                 "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4,
                                 "out_features": ["stage2", "stage3", "stage4"]},  # fmt: skip
             "text_config": {"model_type": "bert", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},  # fmt: skip
+                            "num_attention_heads": 2, "intermediate_size": 64,
+                            "max_position_embeddings": 64},  # fmt: skip
             "d_model": 64,  # GroupNorm(32) needs 2+ values per group on its 1x1 level at batch 1
             "encoder_layers": 1,
             "decoder_layers": 2,

@@ -49,7 +49,7 @@ def test_detection_expert_is_one_level_of_grounding_dinos_memory(tiny_model, tin
 
 def test_detection_level_shapes_for_non_square_inputs(tiny_model):
     expert = tiny_model.model.experts["detection"]
-    memory = expert.model(pixel_values=torch.randn(1, 3, 48, 80), input_ids=expert.prompt_ids)
+    memory = expert.model(pixel_values=torch.randn(1, 3, 48, 80), input_ids=torch.tensor([expert.prompt_ids]))
     shapes = expert.level_shapes(48, 80)
     assert sum(h * w for h, w in shapes) == memory.encoder_last_hidden_state_vision.shape[1]
 

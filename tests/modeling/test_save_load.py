@@ -1,0 +1,84 @@
+"""save_pretrained / from_pretrained, the Auto classes, and remote code without this package installed."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from astrea_testing import prompt_ids, random_pixels
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
+
+
+def inputs(config):
+    ids = torch.tensor([prompt_ids(config, [40, 41, 42])])
+    return {"input_ids": ids, **random_pixels(config, 1)}
+
+
+def test_importing_registers_the_auto_classes(tiny_config):
+    assert type(AutoConfig.for_model("astrea")) is AstreaConfig
+    model = AutoModelForImageTextToText.from_config(tiny_config)
+    assert type(model) is AstreaForConditionalGeneration
+
+
+def test_save_and_load_give_identical_logits(tiny_model, tiny_config, tmp_path):
+    tiny_model.moco.enqueue(torch.randn(3, tiny_config.moco_embed_dim))  # buffers travel too
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_astrea.AstreaConfig",
+        "AutoModelForImageTextToText": "modeling_astrea.AstreaForConditionalGeneration",
+    }
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    batch = inputs(tiny_config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, tiny_model(**batch).logits, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.moco.queue, tiny_model.moco.queue)
+    assert not any(p.requires_grad for p in loaded.model.experts.parameters())
+
+
+BLOCK_PACKAGE = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_astrea" or name.startswith(("modeling_astrea.", "astrea")):
+            raise ModuleNotFoundError(f"{name} is blocked: this process must not see the package")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_remote_code_loads_without_the_package(tiny_model, tiny_config, tmp_path):
+    folder = tmp_path / "exported"
+    tiny_model.save_pretrained(folder)
+    assert {"configuration_astrea.py", "modeling_astrea.py", "modeling_astrea_tagger.py"} <= {
+        p.name for p in folder.glob("*.py")
+    }
+    batch = inputs(tiny_config)
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(tiny_model(**batch).logits, tmp_path / "expected.pt")
+    script = BLOCK_PACKAGE + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForImageTextToText
+        try:
+            import modeling_astrea
+            raise SystemExit("the package is importable")
+        except ModuleNotFoundError:
+            pass
+        model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = torch.load({str(tmp_path / "batch.pt")!r})
+        with torch.no_grad():
+            logits = model(**batch).logits
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=0)
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        print("REMOTE-OK", type(model).__name__, tuple(out.shape))
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK AstreaForConditionalGeneration" in result.stdout
