@@ -38,3 +38,9 @@ __all__ = [
     "AstreaTaggerConfig",
     "AstreaTaggerModel",
 ]
+
+# The processors live in `astrea.processing` (installed from processing/); register them too when installed.
+try:
+    import astrea.processing  # noqa: F401, E402
+except ModuleNotFoundError:  # e.g. only the model's files are on the path
+    pass

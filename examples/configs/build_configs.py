@@ -136,12 +136,16 @@ def paper_config(text_config: LlamaConfig) -> AstreaConfig:
 
 
 def main():
+    from astrea.processing import AstreaImageProcessor, AstreaProcessor
     from astrea.processing.tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tiny = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
     tiny.save_pretrained(HERE / "tiny")
-    tokenizer.save_pretrained(HERE / "tiny")
+    image_processor = AstreaImageProcessor.from_model_config(tiny, detection_size=64)
+    processor = AstreaProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template,
+                                num_image_tokens=tiny.num_image_tokens)  # fmt: skip
+    processor.save_pretrained(HERE / "tiny")
     paper_config(vicuna_13b()).save_pretrained(HERE / "astrea-13b")
     paper_config(hermes2_yi_34b()).save_pretrained(HERE / "astrea-34b")
     for folder in ("tiny", "astrea-13b", "astrea-34b"):
