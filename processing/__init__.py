@@ -15,5 +15,8 @@ from .processing_astrea import AstreaProcessor
 
 AutoImageProcessor.register(AstreaConfig, image_processor_classes={"pil": AstreaImageProcessor}, exist_ok=True)
 AutoProcessor.register(AstreaConfig, AstreaProcessor, exist_ok=True)
+# save_pretrained also writes these classes' .py files and an auto_map, for trust_remote_code loading
+AstreaImageProcessor.register_for_auto_class("AutoImageProcessor")
+AstreaProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["AstreaImageProcessor", "AstreaProcessor"]

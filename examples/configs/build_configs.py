@@ -7,6 +7,7 @@ SigLIP-SO400M/14@384, RAM++ Swin-L/384, Grounding DINO (Swin-T), SAM2.1-hiera-la
 download. The tiny model also gets a tokenizer trained here, offline, so its folder is complete.
 """
 
+import json
 from pathlib import Path
 
 from transformers import LlamaConfig
@@ -149,9 +150,23 @@ def main():
     paper_config(vicuna_13b()).save_pretrained(HERE / "astrea-13b")
     paper_config(hermes2_yi_34b()).save_pretrained(HERE / "astrea-34b")
     for folder in ("tiny", "astrea-13b", "astrea-34b"):
-        for stray in (HERE / folder).glob("*.py"):  # remote-code files belong to saved models, not to configs
-            stray.unlink()
+        strip_remote_code(HERE / folder)
         print("wrote", HERE / folder)
+
+
+def strip_remote_code(folder: Path) -> None:
+    """These folders are used with the package installed: drop the remote-code files and auto_maps that
+    save_pretrained writes (saved models keep them, so they load with trust_remote_code=True)."""
+    for stray in folder.glob("*.py"):
+        stray.unlink()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data.pop("auto_map", None)
+            if isinstance(data.get("image_processor"), dict):
+                data["image_processor"].pop("auto_map", None)
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
