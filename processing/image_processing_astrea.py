@@ -37,13 +37,24 @@ def _describe(index: int, source) -> str:
     return f"image {index} ({source})" if isinstance(source, (str, os.PathLike)) else f"image {index}"
 
 
+def _bomb(index: int, source, detail: str) -> ValueError:
+    return ValueError(
+        f"{_describe(index, source)}: {detail} is larger than PIL's decompression-bomb limit "
+        f"({PIL.Image.MAX_IMAGE_PIXELS} pixels); downscale it first or raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
+
+
 def _open(path, index: int) -> PIL.Image.Image:
     if not os.path.isfile(path):
         raise ValueError(f"{_describe(index, path)}: no such file.")
     try:
-        image = PIL.Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(path)
     except PIL.Image.UnidentifiedImageError:
         raise ValueError(f"{_describe(index, path)}: not an image file PIL can read.") from None
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise _bomb(index, path, "the image") from error
     return _decode(image, index, path)
 
 
@@ -54,10 +65,7 @@ def _decode(image: PIL.Image.Image, index: int, source=None) -> PIL.Image.Image:
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             image.load()
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
-        raise ValueError(
-            f"{_describe(index, source)}: {image.width}x{image.height} is larger than PIL's decompression-bomb "
-            f"limit ({PIL.Image.MAX_IMAGE_PIXELS} pixels); downscale it first or raise PIL.Image.MAX_IMAGE_PIXELS."
-        ) from None
+        raise _bomb(index, source, f"{image.width}x{image.height}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{_describe(index, source)}: corrupt or truncated image data ({error}).") from None
     return image

@@ -15,7 +15,7 @@ import re
 import numpy as np
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_astrea import flatten_images
+from .image_processing_astrea import flatten_images, load_rgb_image
 
 VIDEO_TOKEN = "<video>"
 
@@ -117,6 +117,8 @@ class AstreaProcessor(ProcessorMixin):
             if text is None:
                 raise ValueError("Videos need a prompt with a <video> placeholder for each of them.")
             images, text = self._videos_to_images(images, text, videos)
+        if images is not None:  # decode and check every image here, before anything else touches it
+            images = [load_rgb_image(image, index) for index, image in enumerate(flatten_images(images))]
         return super().__call__(images=images, text=text, **kwargs)
 
 

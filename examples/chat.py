@@ -1,0 +1,76 @@
+"""Chat with Astrea about one image from the command line: multi-turn, streamed, experts run once.
+
+    python examples/chat.py --image photo.jpg [--model outputs/tiny-random] [--max-new-tokens 64]
+
+Type a question per line; an empty line or end of input quits. The image goes through the four experts once,
+on the first turn; every later turn reuses those fused visual tokens (`mm_encoder_outputs`) instead of running
+the experts again. Answers stream token by token (`TextIteratorStreamer`).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from threading import Thread
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
+
+import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", type=Path, required=True, help="the image to talk about")
+    parser.add_argument("--model", type=Path, default=REPO / "outputs" / "tiny-random", help="model folder")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    images_encoded = []
+    model.model.experts["caption"].register_forward_hook(lambda m, a, o: images_encoded.append(a[0].shape[0]))
+
+    image_inputs = processor.image_processor(Image.open(args.image), return_tensors="pt")
+    num_tiles = int(image_inputs.pop("num_tiles").sum())
+    features = None
+    messages = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        question = sys.stdin.readline().strip()
+        if not question:
+            break
+        content = [{"type": "text", "text": question}]
+        if not messages:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        expanded = processor.image_token * (processor.num_image_tokens * num_tiles)
+        prompt = prompt.replace(processor.image_token, expanded)
+        inputs = processor.tokenizer(prompt, return_tensors="pt")
+
+        with torch.no_grad():
+            if features is None:
+                features = model.get_image_features(**image_inputs)  # the experts' only run
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**inputs, mm_encoder_outputs={"image": features}, streamer=streamer,
+                      max_new_tokens=args.max_new_tokens, do_sample=False)  # fmt: skip
+        thread = Thread(target=model.generate, kwargs=kwargs)
+        thread.start()
+        print("astrea> ", end="", flush=True)
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            print(piece, end="", flush=True)
+        thread.join()
+        print()
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    print(f"[{len(messages) // 2} turns; the experts encoded {sum(images_encoded)} image(s) in all]")
+
+
+if __name__ == "__main__":
+    main()
