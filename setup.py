@@ -28,7 +28,13 @@ setup(
         "accelerate",
         "pillow",
         "numpy",
+        "trl==1.16.0",
+        "peft==0.21.2",
+        "datasets==5.2.0",
+        "pyyaml",
+        "matplotlib",
     ],
+    entry_points={"console_scripts": ["astrea-train=astrea.training.cli:main"]},
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
         "gpu": ["flash-attn", "bitsandbytes"],

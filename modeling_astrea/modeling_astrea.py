@@ -87,6 +87,25 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
     router_probs: torch.FloatTensor | None = None
 
 
+@dataclass
+class AstreaAlignment:
+    """Which experts feed the LLM during a pre-alignment stage.
+
+    experts: the stage's experts in order; progressive stages list the experts aligned so far, the current last.
+    residual: use the random residual attention over the earlier experts (Eq. 2-4).
+    joint: all listed experts at once, averaged (the "Cap -> All" ablation of Table 6).
+    """
+
+    experts: tuple[str, ...]
+    residual: bool = True
+    joint: bool = False
+
+    def __post_init__(self):
+        unknown = [name for name in self.experts if name not in EXPERT_NAMES]
+        if unknown or not self.experts:
+            raise ValueError(f"Alignment experts must be among {EXPERT_NAMES}, got {self.experts}.")
+
+
 # --- The experts: each wraps a transformers model and returns a channels-first feature grid -----------------
 
 
@@ -414,6 +433,8 @@ class AstreaModel(AstreaPreTrainedModel):
             }
         )
         self.language_model = AutoModel.from_config(config.text_config)
+        # Set by the pre-alignment recipe (astrea.training), None otherwise: see `get_alignment_features`.
+        self.alignment: AstreaAlignment | None = None
         self.post_init()
         self.train(self.training)  # applies config.freeze_experts
 
@@ -494,6 +515,25 @@ class AstreaModel(AstreaPreTrainedModel):
         fused = (router_probs.unsqueeze(-1).to(adapted.dtype) * adapted).sum(dim=-2)  # [N, P, D]
         return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
 
+    def get_alignment_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:
+        """Visual tokens during progressive pre-alignment (Sec. 3.1), per `self.alignment`.
+
+        Progressive stage k: expert k's projected features f_k, plus the random residual attention over the
+        projected features of the experts aligned before it (Eq. 2-4; their projectors are frozen by then, so their
+        outputs are the cache C_i). Joint stage ("Cap -> All"): the mean of the listed experts' projected features.
+        """
+        alignment = self.alignment
+        if alignment.joint:
+            projected = [self.projectors[name](expert_features[name]) for name in alignment.experts]
+            return AstreaImageFeatures(pooler_output=torch.stack(projected).mean(dim=0))
+        *earlier, current = alignment.experts
+        features = self.projectors[current](expert_features[current])  # f_k: [N, P, D]
+        if alignment.residual and earlier:
+            with torch.no_grad():
+                cached = torch.stack([self.projectors[name](expert_features[name]) for name in earlier], dim=1)
+            features = self.residual_attention[current](features, cached)  # f'_k
+        return AstreaImageFeatures(pooler_output=features)
+
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor | None = None,
@@ -507,6 +547,7 @@ class AstreaModel(AstreaPreTrainedModel):
         **kwargs,
     ) -> AstreaImageFeatures:
         """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`."""
+        needed = self.alignment.experts if self.alignment is not None else EXPERT_NAMES
         if expert_features is None:
             expert_features = self.get_expert_features(
                 pixel_values=pixel_values,
@@ -516,7 +557,13 @@ class AstreaModel(AstreaPreTrainedModel):
                 detection_pixel_mask=detection_pixel_mask,
                 detection_input_ids=detection_input_ids,
                 detection_attention_mask=detection_attention_mask,
+                experts=needed,
             )
+        missing = [name for name in needed if name not in expert_features]
+        if missing:
+            raise ValueError(f"expert_features lacks the features of {', '.join(missing)}.")
+        if self.alignment is not None:
+            return self.get_alignment_features(expert_features)
         return self.fuse_expert_features(expert_features)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
@@ -721,7 +768,10 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )  # Eq. 1
             loss = loss_reg
-            if self.config.use_moco and outputs.image_hidden_states is not None and input_ids is not None:
+            # MoCo belongs to instruction tuning (Sec. 3.2.1); pre-alignment stages train on L_reg alone
+            aligning = self.model.alignment is not None
+            has_images = outputs.image_hidden_states is not None and input_ids is not None
+            if self.config.use_moco and not aligning and has_images:
                 pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states)
                 if pairs is not None:
                     loss_moco = self.moco(*pairs)  # Eq. 5-8
@@ -742,6 +792,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "EXPERT_NAMES",
+    "AstreaAlignment",
     "PIXEL_INPUT_NAMES",
     "AstreaAdapter",
     "AstreaForConditionalGeneration",

@@ -1,0 +1,70 @@
+"""astrea-train: the paper's training recipe from one YAML file.
+
+    astrea-train all --recipe training/recipes/tiny.yaml            # pre-align, instruct, evaluate
+    astrea-train prealign --recipe training/recipes/tiny.yaml       # the four pre-alignment stages only
+    astrea-train instruct --recipe ... --resume                     # continue an interrupted run
+    astrea-train evaluate --recipe ... --model outputs/demo/model   # evaluate a model folder
+
+Multi-GPU / multi-node: the same command under `accelerate launch`, with a config from
+training/recipes/accelerate/ (DDP, DeepSpeed ZeRO-2/3, FSDP), e.g.
+
+    accelerate launch --config_file training/recipes/accelerate/deepspeed_zero2.yaml \\
+        -m astrea.training.cli all --recipe training/recipes/astrea-13b.yaml
+"""
+
+import argparse
+import json
+import sys
+
+from .recipe import Recipe
+
+PHASES = {
+    "all": ("prealign", "instruct", "evaluate"),
+    "prealign": ("prealign",),
+    "instruct": ("instruct", "evaluate"),
+    "evaluate": ("evaluate",),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="astrea-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("phase", choices=sorted(PHASES), help="what to run")
+    parser.add_argument("--recipe", required=True, help="recipe YAML file (see training/recipes/)")
+    parser.add_argument("--resume", action="store_true", help="skip finished stages, continue from checkpoints")
+    parser.add_argument("--output-dir", help="override the recipe's output_dir")
+    parser.add_argument("--cache-dir", help="override the recipe's cache_dir (the expert feature cache)")
+    parser.add_argument("--model", help="start from this model folder (model.pretrained)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = Recipe.from_yaml(args.recipe)
+    except ValueError as error:
+        print(f"astrea-train: {error}", file=sys.stderr)
+        return 2
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    if args.cache_dir:
+        recipe.cache_dir = args.cache_dir
+    if args.model:
+        recipe.model.pretrained = args.model
+
+    from .pipeline import accuracy_table, run  # heavy imports after the arguments are known good
+
+    try:
+        metrics = run(recipe, PHASES[args.phase], resume=args.resume)
+    except ValueError as error:
+        print(f"astrea-train: {error}", file=sys.stderr)
+        return 2
+    if "accuracy" in metrics:
+        print(accuracy_table(metrics))
+    print(json.dumps({k: metrics[k] for k in ("minutes", "feature_cache") if k in metrics}))
+    print(f"wrote {recipe.output_dir}/ (model/, metrics.json, router.png, stages.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

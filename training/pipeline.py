@@ -1,0 +1,476 @@
+"""The paper's recipe end to end: data, feature cache, progressive pre-alignment, instruction tuning, evaluation.
+
+Each stage is a TRL `SFTTrainer` run over examples whose expert features come from the feature cache, so the
+expert backbones run once per image for the whole recipe. Every stage writes its own folder under
+`<output_dir>/stages/` (Trainer checkpoints, the model after the stage, and `stage.json` with its history); with
+`resume=True` finished stages are loaded instead of rerun, and an interrupted stage continues from its last
+checkpoint (optimizer, scheduler and RNG states included).
+"""
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image as PILImage
+from transformers import AutoProcessor, TrainerCallback
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+
+from astrea.processing import AstreaImageProcessor
+from astrea.processing.image_processing_astrea import load_rgb_image
+from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
+from modeling_astrea.modeling_astrea import AstreaAlignment
+
+from .collator import AstreaCollator, prealign_examples, question_examples
+from .data import build_dataset, chance_levels
+from .feature_cache import FeatureCache, image_key
+from .recipe import InstructArgs, OptimArgs, Recipe
+
+logger = logging.get_logger(__name__)
+
+
+# --- model, data and cache ---------------------------------------------------------------------------------
+
+
+def build_model(recipe: Recipe):
+    """The model (random or `model.pretrained`) and its processor, with the recipe's overrides applied."""
+    spec = recipe.model
+    processor = AutoProcessor.from_pretrained(spec.pretrained or spec.config)
+    if spec.pretrained:
+        model = AstreaForConditionalGeneration.from_pretrained(spec.pretrained)
+    else:
+        config = AstreaConfig.from_pretrained(spec.config)
+        overrides = {**spec.overrides, "text_config": {**spec.overrides.get("text_config", {}), **spec.text_overrides}}
+        config = AstreaConfig.from_dict(deep_merge(config.to_dict(), overrides))
+        torch.manual_seed(recipe.seed)
+        model = AstreaForConditionalGeneration(config)
+        # the experts' input sizes follow the (possibly overridden) config
+        detection = spec.detection_size or processor.image_processor.expert_sizes["detection"]
+        processor.image_processor = AstreaImageProcessor.from_model_config(config, detection_size=detection)
+    processor.num_image_tokens = model.config.num_image_tokens
+    return model, processor
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`overrides` on top of `base`, merging nested mappings (so one sub-config field can be overridden)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value  # fmt: skip
+    return merged
+
+
+@dataclass
+class Workspace:
+    """What all phases share."""
+
+    recipe: Recipe
+    model: AstreaForConditionalGeneration
+    processor: object
+    cache: FeatureCache
+    data: dict  # {"train": rows, "test": rows}: the data set's rows without the image column
+    keys: dict  # {"train": [image content hash per row], "test": [...]}
+    output_dir: Path
+    resume: bool = False
+    callbacks: list = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+
+    @property
+    def collator(self) -> AstreaCollator:
+        return AstreaCollator(self.processor, self.cache)
+
+
+def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    model, processor = build_model(recipe)
+    cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
+    dataset = load_data(recipe)
+    rows, keys = {}, {}
+    for split in ("train", "test"):
+        keys[split] = []
+        images = decoded_images(dataset[split], split, keys[split])
+        stats = cache.fill(model, processor.image_processor, images, desc=f"expert features ({split})")
+        logger.warning(f"feature cache, {split} split: {stats}")
+        rows[split] = dataset[split].remove_columns("image")
+    return Workspace(recipe, model, processor, cache, rows, keys, output_dir, resume, list(callbacks or []))
+
+
+REQUIRED_COLUMNS = ("image", "caption", "tags", "boxes", "labels", "masks", "questions")
+
+
+def load_data(recipe: Recipe):
+    """The recipe's data: a `datasets` folder with train/test splits, or the synthetic set drawn here."""
+    spec = recipe.data
+    if spec.path is None:
+        return build_dataset(spec.num_train, spec.num_test, spec.image_size, spec.seed)
+    from datasets import load_from_disk
+
+    if not Path(spec.path).exists():
+        raise ValueError(f"data.path {spec.path} does not exist.")
+    dataset = load_from_disk(spec.path)
+    for split in ("train", "test"):
+        if split not in dataset:
+            raise ValueError(f"data.path {spec.path} has no {split!r} split.")
+        missing = [c for c in REQUIRED_COLUMNS if c not in dataset[split].column_names]
+        if missing:
+            raise ValueError(f"data.path {spec.path}, split {split}: missing columns {missing}.")
+    return dataset
+
+
+def decoded_images(split_data, split: str, keys: list[str]):
+    """Decode every row's image (checked: a missing or undecodable image names its row), recording content
+    hashes in `keys` as it goes."""
+    import io
+
+    from datasets import Image as ImageFeature
+
+    raw = split_data.cast_column("image", ImageFeature(decode=False))["image"]
+    for index, item in enumerate(raw):
+        if item is None or (item.get("bytes") is None and item.get("path") is None):
+            raise ValueError(f"{split} row {index} has no image.")
+        try:
+            source = PILImage.open(io.BytesIO(item["bytes"])) if item.get("bytes") is not None else item["path"]
+            image = load_rgb_image(source, index)
+        except (ValueError, OSError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{split} row {index}: its image does not decode ({error}).") from None
+        keys.append(image_key(image))
+        yield image
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+class AstreaSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's own: L_reg + mu * L_moco (Eq. 11), with both parts logged.
+
+    TRL's default loss scores the LM head on the backbone alone, which would bypass Astrea's MoCo term."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, use_cache=False)
+        mode = "train" if model.training else "eval"
+        for name in ("loss_reg", "loss_moco"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                self._metrics[mode][name].append(value.detach().float().item())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+class HistoryCallback(TrainerCallback):
+    """Training loss per logging step, and a held-out measure every `every` steps (for stages.png)."""
+
+    def __init__(self, measure, every: int):
+        self.measure, self.every = measure, max(1, every)
+        self.loss: list[tuple[int, float]] = []
+        self.heldout: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss.append((state.global_step, float(logs["loss"])))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.heldout.append((state.global_step, self.measure()))
+
+
+def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTConfig:
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to="none",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def set_trainable(model, modules: list[torch.nn.Module], language_model: bool) -> int:
+    model.requires_grad_(False)
+    for module in modules:
+        module.requires_grad_(True)
+    if language_model:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    model.model.train()  # keeps frozen experts in eval mode
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: OptimArgs, steps: int, measure) -> dict:
+    """One SFTTrainer run in `<output_dir>/stages/<name>`; skipped (and its result loaded) when already done."""
+    from datasets import Dataset
+
+    stage_dir = ws.output_dir / "stages" / name
+    done = stage_dir / "stage.json"
+    if ws.resume and done.exists():
+        logger.warning(f"stage {name}: finished in an earlier run, loading it")
+        record = json.loads(done.read_text())
+        state = AstreaForConditionalGeneration.from_pretrained(stage_dir / "model").state_dict()
+        model.load_state_dict(state)
+        return record
+    checkpoints = sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    resume_from = str(checkpoints[-1]) if ws.resume and checkpoints else None
+    history = HistoryCallback(measure, every=max(1, steps // 5))
+    trainer = AstreaSFTTrainer(
+        model=model,
+        args=sft_config(args, steps, stage_dir, ws.recipe.seed),
+        train_dataset=Dataset.from_list(examples),
+        data_collator=ws.collator,
+        processing_class=ws.processor.tokenizer,
+        callbacks=[history, *ws.callbacks],
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    record = {"stage": name, "steps": steps, "seconds": round(time.perf_counter() - start, 1),
+              "loss": history.loss, "heldout": history.heldout,
+              "feature_cache": ws.cache.stats()}  # fmt: skip
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        target = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+        target.save_pretrained(stage_dir / "model")
+        done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def prealign(ws: Workspace) -> list[dict]:
+    """Progressive pre-alignment (Sec. 3.1): one stage per expert in `order`, or one joint stage."""
+    recipe, model = ws.recipe, ws.model
+    spec = recipe.prealign
+    order = list(spec.order)
+    plan = [(order, spec.stage_steps[0] if len(spec.stage_steps) == 1 else sum(spec.stage_steps))] if spec.joint \
+        else [(order[: i + 1], steps) for i, steps in enumerate(spec.stage_steps)]  # fmt: skip
+    records = []
+    for index, (experts, steps) in enumerate(plan):
+        current = experts[-1]
+        model.model.alignment = AstreaAlignment(tuple(experts), residual=spec.residual, joint=spec.joint)
+        trainable = [model.model.projectors[name] for name in (experts if spec.joint else [current])]
+        if spec.residual and not spec.joint and len(experts) > 1:
+            trainable.append(model.model.residual_attention[current])
+        set_trainable(model, trainable, spec.train_language_model)
+        examples = prealign_examples(ws.data["train"], ws.keys["train"], experts, recipe.data.image_size)
+        heldout = prealign_examples(ws.data["test"], ws.keys["test"], experts, recipe.data.image_size)[:64]
+        name = f"{index + 1}-{'all' if spec.joint else current}"
+        records.append(run_stage(ws, name, model, examples, spec, steps,
+                                 lambda heldout=heldout: token_accuracy(ws, heldout)))  # fmt: skip
+    model.model.alignment = None
+    return records
+
+
+def apply_lora(model, args: InstructArgs):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        modules_to_save=["router", "adapters", "moco"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def instruct(ws: Workspace) -> dict:
+    """Instruction tuning (Sec. 3.2): router, adapters, MoCo head and the LLM (full or LoRA) on the questions."""
+    spec = ws.recipe.instruct
+    model = ws.model
+    model.model.alignment = None
+    model.config.router_top_k = spec.router_top_k
+    model.config.use_moco = spec.use_moco
+    modules = [model.model.router, model.model.adapters, model.moco.head]
+    if spec.train_projectors:
+        modules.append(model.model.projectors)
+    set_trainable(model, modules, language_model=not spec.lora)
+    train_model = apply_lora(model, spec) if spec.lora else model
+    examples = question_examples(ws.data["train"], ws.keys["train"])
+    heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
+    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps,
+                       lambda: answer_accuracy(ws, heldout))  # fmt: skip
+    if spec.lora:  # the folder holds the merged model; continue with it
+        ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
+    return record
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+@torch.no_grad()
+def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, max_new_tokens: int | None = None):
+    """Greedy answers and per-image router probabilities for examples (features from the cache)."""
+    model, collator = ws.model, ws.collator
+    batch_size = batch_size or ws.recipe.eval.batch_size
+    max_new_tokens = max_new_tokens or ws.recipe.eval.max_new_tokens
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts, routers = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collator.generation_inputs(chunk)
+        features = model.get_image_features(expert_features={k: v.to(device) for k, v in
+                                                             batch.pop("expert_features").items()})  # fmt: skip
+        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, mm_encoder_outputs={"image": features},
+                             max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
+        new = out[:, batch["input_ids"].shape[1] :]
+        texts.extend(ws.processor.batch_decode(new, skip_special_tokens=True))
+        if features.router_probs is not None:
+            routers.extend(features.router_probs.float().mean(dim=1).cpu())
+    model.train(was_training)
+    return texts, routers
+
+
+def answer_accuracy(ws: Workspace, examples: list[dict]) -> float:
+    texts, _ = answers(ws, examples)
+    return sum(normalise(t) == normalise(e["answer"]) for t, e in zip(texts, examples, strict=True)) / len(examples)
+
+
+@torch.no_grad()
+def token_accuracy(ws: Workspace, examples: list[dict]) -> float:
+    """Teacher-forced accuracy of the next target token on held-out examples (pre-alignment's held-out measure)."""
+    model = ws.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = ws.collator(examples)
+    batch = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+             for k, v in batch.items()}  # fmt: skip
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    model.train(was_training)
+    return float((logits.argmax(-1)[mask] == labels[mask]).float().mean())
+
+
+def evaluate(ws: Workspace) -> dict:
+    """Held-out accuracy per question type next to chance, and the router's mean expert share per type."""
+    examples = question_examples(ws.data["test"], ws.keys["test"])
+    texts, routers = answers(ws, examples)
+    correct, total, router_sum = defaultdict(int), defaultdict(int), defaultdict(lambda: torch.zeros(4))
+    for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
+        kind = example["type"]
+        total[kind] += 1
+        correct[kind] += normalise(text) == normalise(example["answer"])
+        if routers:
+            router_sum[kind] += routers[index]
+    chance = chance_levels()
+    return {
+        "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
+        "chance": {kind: round(chance[kind], 4) for kind in total},
+        "count": dict(total),
+        "router": {kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
+                   for kind in router_sum},  # fmt: skip
+        "examples": [{"question": e["prompt"], "answer": e["answer"], "prediction": t}
+                     for e, t in list(zip(examples, texts, strict=True))[:20]],  # fmt: skip
+    }
+
+
+# --- plots and the whole run -------------------------------------------------------------------------------
+
+
+def plot_router(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(metrics["router"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(EXPERT_NAMES)
+    for i, expert in enumerate(EXPERT_NAMES):
+        ax.bar([k + i * width for k in range(len(kinds))], [metrics["router"][kind][expert] for kind in kinds],
+               width=width, label=expert)  # fmt: skip
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
+    ax.set_ylabel("mean router probability")
+    ax.set_title("Expert contributions per question type (cf. paper Fig. 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_stages(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    offset = 0
+    for record in records:
+        if record["loss"]:
+            steps, values = zip(*record["loss"], strict=True)
+            top.plot([offset + s for s in steps], values, label=record["stage"])
+        if record["heldout"]:
+            steps, values = zip(*record["heldout"], strict=True)
+            bottom.plot([offset + s for s in steps], values, marker="o", label=record["stage"])
+        offset += record["steps"]
+        top.axvline(offset, color="gray", lw=0.5)
+        bottom.axvline(offset, color="gray", lw=0.5)
+    top.set_ylabel("training loss")
+    bottom.set_ylabel("held-out accuracy")
+    bottom.set_xlabel("step (stages in order)")
+    top.set_title("Pre-alignment stages and instruction tuning (cf. paper Fig. 3)")
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(recipe: Recipe, phases: tuple[str, ...] = ("prealign", "instruct", "evaluate"), resume: bool = False,
+        callbacks=None) -> dict:  # fmt: skip
+    """The recipe's phases in order; returns (and writes) the metrics."""
+    start = time.perf_counter()
+    ws = prepare(recipe, resume=resume, callbacks=callbacks)
+    records = []
+    if "prealign" in phases:
+        records += prealign(ws)
+    if "instruct" in phases:
+        records.append(instruct(ws))
+    metrics = {"recipe": recipe.output_dir}
+    if "evaluate" in phases:
+        metrics.update(evaluate(ws))
+        plot_router(metrics, ws.output_dir / "router.png")
+    if records:
+        plot_stages(records, ws.output_dir / "stages.png")
+    model_dir = ws.output_dir / "model"
+    ws.model.save_pretrained(model_dir)
+    ws.processor.save_pretrained(model_dir)
+    metrics["stages"] = [{k: r[k] for k in ("stage", "steps", "seconds", "heldout")} for r in records]
+    metrics["feature_cache"] = ws.cache.stats()
+    metrics["minutes"] = round((time.perf_counter() - start) / 60, 2)
+    (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def accuracy_table(metrics: dict) -> str:
+    lines = ["| question type | accuracy | chance | n |", "| --- | --- | --- | --- |"]
+    for kind, value in metrics.get("accuracy", {}).items():
+        lines.append(f"| {kind} | {value:.1%} | {metrics['chance'][kind]:.1%} | {metrics['count'][kind]} |")
+    return "\n".join(lines)
+
+
+__all__ = ["Workspace", "accuracy_table", "build_model", "evaluate", "prepare", "run"]

@@ -1,0 +1,143 @@
+"""Recipes: one YAML file holds a whole training run (model, data, the pre-alignment stages, instruction tuning,
+evaluation). Every section is a dataclass; an unknown key or an unknown stage name is an error that names it,
+raised before any work starts.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modeling_astrea import EXPERT_NAMES
+
+
+@dataclass
+class ModelArgs:
+    config: str = "examples/configs/tiny"  # folder with an Astrea config and processor
+    pretrained: str | None = None  # a model folder to start from instead of random weights
+    overrides: dict[str, Any] = field(default_factory=dict)  # AstreaConfig fields
+    text_overrides: dict[str, Any] = field(default_factory=dict)  # text_config fields
+    detection_size: int | None = None  # Grounding DINO input side (the processor's otherwise)
+
+
+@dataclass
+class DataArgs:
+    path: str | None = None  # a `datasets` folder (save_to_disk) in the synthetic set's format; else synthetic
+    num_train: int = 2000  # synthetic training images
+    num_test: int = 300  # held-out images
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class OptimArgs:
+    """What every phase shares: the paper's Sec. 4.1 defaults (AdamW 0.9/0.98, wd 0.05, cosine, 15% warm-up)."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.15
+    batch_size: int = 128  # per device
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 500
+    logging_steps: int = 10
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PrealignArgs(OptimArgs):
+    order: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))  # coarse to fine (Table 6)
+    joint: bool = False  # all experts in one stage ("Cap -> All")
+    residual: bool = True  # random residual attention (Eq. 2-4; Table 4)
+    stage_steps: list[int] = field(default_factory=lambda: [2000, 500, 200, 200])  # paper's proportions (k steps)
+    train_language_model: bool = False  # the paper trains only the projector (and residual) per stage
+
+
+@dataclass
+class InstructArgs(OptimArgs):
+    steps: int = 500
+    lora: bool = False  # PEFT LoRA on the LLM instead of full tuning
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    use_moco: bool = True  # Eq. 11; Table 4
+    router_top_k: int = 3  # Table 3
+    train_projectors: bool = False  # the paper keeps them frozen after pre-alignment
+
+
+@dataclass
+class EvalArgs:
+    batch_size: int = 64
+    max_new_tokens: int = 8
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "outputs/run"
+    cache_dir: str = "outputs/feature-cache"
+    seed: int = 0
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    prealign: PrealignArgs = field(default_factory=PrealignArgs)
+    instruct: InstructArgs = field(default_factory=InstructArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+    def __post_init__(self):
+        unknown = [name for name in self.prealign.order if name not in EXPERT_NAMES]
+        if unknown:
+            raise ValueError(f"Recipe: unknown stage {unknown[0]!r} in prealign.order; stages are {EXPERT_NAMES}.")
+        if len(set(self.prealign.order)) != len(self.prealign.order):
+            raise ValueError(f"Recipe: prealign.order repeats a stage: {self.prealign.order}.")
+        if not self.prealign.joint and len(self.prealign.stage_steps) != len(self.prealign.order):
+            raise ValueError(
+                f"Recipe: prealign.stage_steps has {len(self.prealign.stage_steps)} entries for "
+                f"{len(self.prealign.order)} stages."
+            )
+        if not 1 <= self.instruct.router_top_k <= len(EXPERT_NAMES):
+            raise ValueError(f"Recipe: instruct.router_top_k={self.instruct.router_top_k} must be in 1..4.")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "recipe") -> "Recipe":
+        return _build(cls, data or {}, source, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"Recipe file {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"Recipe file {path} is not valid YAML: {error}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"Recipe file {path} must hold a mapping of sections, got {type(data).__name__}.")
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict, source: str, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key {prefix + unknown[0]!r}; the keys of {prefix.rstrip('.') or 'a recipe'} are "
+            f"{', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: {prefix + name} must be a mapping, got {value!r}.")
+            value = _build(type(default), value, source, f"{prefix}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+__all__ = ["DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]
