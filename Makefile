@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
 
-.PHONY: install demo test lint configs clean
+.PHONY: install demo ask test configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The main job: synthetic data, the four pre-alignment stages, instruction tuning and evaluation of a tiny
+# Astrea on the CPU; writes outputs/demo/ (model/, metrics.json, router.png, stages.png).
 demo: install
-	$(PY) examples/demo.py
+	$(VENV)/bin/astrea-train all --recipe training/recipes/tiny.yaml
+
+# Ask an untrained tiny Astrea about a drawn image (writes outputs/tiny-random on first use).
+ask: install
+	$(PY) examples/ask.py
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,7 @@ from astrea_testing import REPO
 
 def test_demo_answers_a_question_about_an_image(tmp_path):
     result = subprocess.run(
-        [sys.executable, "examples/demo.py", "--model", str(tmp_path / "tiny"), "--max-new-tokens", "5"],
+        [sys.executable, "examples/ask.py", "--model", str(tmp_path / "tiny"), "--max-new-tokens", "5"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -21,7 +21,7 @@ def test_demo_answers_a_question_about_an_image(tmp_path):
 
 
 def run_demo(model_folder) -> subprocess.CompletedProcess:
-    command = [sys.executable, "examples/demo.py", "--model", str(model_folder), "--max-new-tokens", "1"]
+    command = [sys.executable, "examples/ask.py", "--model", str(model_folder), "--max-new-tokens", "1"]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -26,6 +26,7 @@ from modeling_astrea.modeling_astrea import AstreaAlignment
 
 from .collator import AstreaCollator, prealign_examples, question_examples
 from .data import build_dataset, chance_levels
+from .expert_pretraining import pretrain_experts
 from .feature_cache import FeatureCache, image_key
 from .recipe import InstructArgs, OptimArgs, Recipe
 
@@ -88,8 +89,12 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     model, processor = build_model(recipe)
-    cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
     dataset = load_data(recipe)
+    if recipe.expert_pretraining.steps and not recipe.model.pretrained:
+        spec = recipe.expert_pretraining
+        pretrain_experts(model, processor.image_processor, dataset["train"], spec.steps, spec.learning_rate,
+                         spec.batch_size, spec.num_images, recipe.seed)  # fmt: skip
+    cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
     rows, keys = {}, {}
     for split in ("train", "test"):
         keys[split] = []
@@ -196,7 +201,7 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         data_seed=seed,
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         report_to="none",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -277,17 +282,20 @@ def prealign(ws: Workspace) -> list[dict]:
     return records
 
 
-def apply_lora(model, args: InstructArgs):
+def apply_lora(model, args: InstructArgs, trainable: list[torch.nn.Module]):
+    """PEFT LoRA on the LLM's projections; Astrea's own modules (router, adapters, MoCo head) train in full."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        modules_to_save=["router", "adapters", "moco"],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    for module in trainable:  # plain modules, not modules_to_save copies, so merge_and_unload keeps them as is
+        module.requires_grad_(True)
+    return peft_model
 
 
 def instruct(ws: Workspace) -> dict:
@@ -301,7 +309,7 @@ def instruct(ws: Workspace) -> dict:
     if spec.train_projectors:
         modules.append(model.model.projectors)
     set_trainable(model, modules, language_model=not spec.lora)
-    train_model = apply_lora(model, spec) if spec.lora else model
+    train_model = apply_lora(model, spec, modules) if spec.lora else model
     examples = question_examples(ws.data["train"], ws.keys["train"])
     heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
     record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps,

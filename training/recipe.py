@@ -70,6 +70,16 @@ class InstructArgs(OptimArgs):
 
 
 @dataclass
+class ExpertPretrainArgs:
+    """Stand-in for released expert checkpoints (tiny recipe only); see expert_pretraining.py."""
+
+    steps: int = 0
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    num_images: int = 2000
+
+
+@dataclass
 class EvalArgs:
     batch_size: int = 64
     max_new_tokens: int = 8
@@ -82,6 +92,7 @@ class Recipe:
     seed: int = 0
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    expert_pretraining: ExpertPretrainArgs = field(default_factory=ExpertPretrainArgs)
     prealign: PrealignArgs = field(default_factory=PrealignArgs)
     instruct: InstructArgs = field(default_factory=InstructArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)

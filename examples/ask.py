@@ -1,10 +1,11 @@
-"""Ask the tiny Astrea a question about an image: the README's main-job command (`make demo`) runs this.
+"""Ask an Astrea model a question about an image (`make ask`).
 
-    python examples/demo.py [--model outputs/tiny-random] [--image path.png] [--question "..."]
+    python examples/ask.py [--model outputs/tiny-random] [--image path.png] [--question "..."]
+    python examples/ask.py --model outputs/demo/model      # the model `make demo` trained
 
 Without a trained checkpoint it first writes a randomly initialised tiny model (the shipped config, processor
 and tokenizer in examples/configs/tiny plus seeded random weights) to `outputs/tiny-random`, so the answer is
-noise; what the demo shows is the whole path: processor -> four experts -> router -> LLM -> generate(), and the
+noise; what it shows is the whole path: processor -> four experts -> router -> LLM -> generate(), and the
 router's share per expert (paper Fig. 2).
 """
 

@@ -1,0 +1,147 @@
+"""The synthetic data set, the recipe file and the feature cache."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from astrea.processing import AstreaImageProcessor
+from astrea.training.collator import stage_target
+from astrea.training.data import QUESTION_TYPES, build_dataset, run_length_decode, run_length_encode
+from astrea.training.feature_cache import FeatureCache, expert_fingerprint, image_key
+from astrea.training.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_dataset(num_train=24, num_test=8, image_size=64, seed=3)
+
+
+def test_dataset_rows_are_consistent(data):
+    assert len(data["train"]) == 24 and len(data["test"]) == 8
+    for row in data["train"]:
+        n = len(row["labels"])
+        assert 1 <= n <= 3 and len(row["boxes"]) == n and len(row["masks"]) == n
+        assert row["image"].size == (64, 64)
+        answers = {q["type"]: q["answer"] for q in row["questions"]}
+        assert answers["count"] == ["one", "two", "three"][n - 1]
+        assert {q["type"] for q in row["questions"]} <= set(QUESTION_TYPES)
+        for label, box, mask in zip(row["labels"], row["boxes"], row["masks"], strict=True):
+            colour, shape = label.split()
+            assert colour in row["tags"] and shape in row["tags"]
+            ys, xs = np.nonzero(run_length_decode(mask, 64))
+            assert box[0] * 64 - 1 <= xs.min() and xs.max() <= box[2] * 64 + 1  # the mask lies in its box
+
+
+def test_dataset_is_deterministic_and_splits_differ(data):
+    again = build_dataset(num_train=24, num_test=8, image_size=64, seed=3)
+    assert again["train"]["caption"] == data["train"]["caption"]
+    train_images = {image_key(image) for image in data["train"]["image"]}
+    assert train_images.isdisjoint(image_key(image) for image in data["test"]["image"])
+
+
+def test_run_length_round_trip():
+    mask = np.random.default_rng(0).random((16, 16)) > 0.6
+    assert (run_length_decode(run_length_encode(mask), 16) == mask).all()
+
+
+def test_stage_targets_are_cumulative(data):
+    row = data["train"][0]
+    prompts, targets = zip(*(stage_target(row, stages, 64) for stages in
+                             (["caption"], ["caption", "classification"],
+                              ["caption", "classification", "detection"],
+                              ["caption", "classification", "detection", "segmentation"])), strict=True)  # fmt: skip
+    assert prompts == ("caption", "caption, tags", "caption, tags, boxes", "caption, tags, boxes, regions")
+    for shorter, longer in zip(targets, targets[1:], strict=False):
+        assert longer.startswith(shorter)
+    assert "Boxes:" in targets[2] and "Regions:" in targets[3] and "covers" in targets[3]
+
+
+def test_recipe_rejects_unknown_keys_and_stages(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("prealign:\n  stage_stepz: [1]\n")
+    with pytest.raises(ValueError, match=r"unknown key 'prealign.stage_stepz'"):
+        Recipe.from_yaml(path)
+    path.write_text("prealign:\n  order: [caption, ocr]\n  stage_steps: [1, 1]\n")
+    with pytest.raises(ValueError, match="unknown stage 'ocr'"):
+        Recipe.from_yaml(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        Recipe.from_yaml(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        Recipe.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_shipped_recipes_load():
+    for name in ("tiny", "astrea-13b", "astrea-34b"):
+        recipe = Recipe.from_yaml(f"training/recipes/{name}.yaml")
+        assert recipe.prealign.order == ["caption", "classification", "detection", "segmentation"]
+    paper = Recipe.from_yaml("training/recipes/astrea-13b.yaml")
+    assert paper.prealign.stage_steps == [2000000, 500000, 200000, 200000]
+    assert (paper.instruct.adam_beta2, paper.instruct.weight_decay, paper.instruct.warmup_ratio) == (0.98, 0.05, 0.15)
+    assert paper.instruct.batch_size * paper.instruct.gradient_accumulation_steps * 8 == 128
+
+
+@pytest.fixture
+def cache_setup(tiny_model, tiny_config, tmp_path):
+    processor = AstreaImageProcessor.from_model_config(tiny_config, detection_size=64)
+    return FeatureCache.for_model(tmp_path / "cache", tiny_model, processor), tiny_model, processor
+
+
+def test_cache_fills_once_and_matches_the_experts(cache_setup):
+    cache, model, processor = cache_setup
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "green", "blue")]
+    stats = cache.fill(model, processor, images + images[:1])  # a repeated image is computed once
+    assert stats["misses"] == 3 * 4 and stats["hits"] == 0
+    calls = []
+    model.model.experts["caption"].register_forward_hook(lambda *a: calls.append(1))
+    stats = cache.fill(model, processor, images)
+    assert calls == [] and stats["hits"] == 3 * 4  # a second pass runs no expert
+    loaded = cache.load([image_key(i) for i in images])
+    direct = model.model.get_expert_features(**{k: v for k, v in processor(images, return_tensors="pt").items()
+                                                if k != "num_tiles"})  # fmt: skip
+    for name in loaded:
+        torch.testing.assert_close(loaded[name], direct[name])
+
+
+def test_cache_keys_depend_on_the_expert_config_and_weights(cache_setup):
+    cache, model, processor = cache_setup
+    before = expert_fingerprint(model, processor, "caption")
+    with torch.no_grad():
+        next(model.model.experts["caption"].parameters()).add_(1.0)
+    assert expert_fingerprint(model, processor, "caption") != before
+    assert expert_fingerprint(model, processor, "segmentation") == cache.fingerprints["segmentation"]
+
+
+def test_writes_are_atomic_and_damaged_entries_are_recomputed(cache_setup):
+    cache, model, processor = cache_setup
+    image = Image.new("RGB", (20, 20), "purple")
+    key = image_key(image)
+    cache.fill(model, processor, [image])
+    path = cache.path("caption", key)
+    assert not list(path.parent.glob("*.tmp"))  # no temporary left behind
+    path.write_bytes(path.read_bytes()[:20])  # a damaged entry (as from a failing disk)
+    assert cache.get("caption", key) is None and not path.exists()
+    cache.fill(model, processor, [image])
+    assert cache.get("caption", key) is not None
+
+
+def test_a_killed_write_leaves_no_entry(cache_setup, monkeypatch):
+    cache, _, _ = cache_setup
+    import astrea.training.feature_cache as module
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "replace", die)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("caption", "ab" * 16, torch.ones(2, 2))
+    assert not cache.path("caption", "ab" * 16).exists()
+    assert not list(cache.path("caption", "ab" * 16).parent.glob("*"))
+
+
+def test_cache_directory_under_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        FeatureCache(blocker / "cache", {"caption": "x"})
