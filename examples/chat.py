@@ -57,8 +57,13 @@ def main():
             if features is None:
                 features = model.get_image_features(**image_inputs)  # the experts' only run
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, mm_encoder_outputs={"image": features}, streamer=streamer,
-                      max_new_tokens=args.max_new_tokens, do_sample=False)  # fmt: skip
+        kwargs = dict(
+            **inputs,
+            mm_encoder_outputs={"image": features},
+            streamer=streamer,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+        )
         thread = Thread(target=model.generate, kwargs=kwargs)
         thread.start()
         print("astrea> ", end="", flush=True)

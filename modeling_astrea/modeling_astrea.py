@@ -491,8 +491,11 @@ class AstreaModel(AstreaPreTrainedModel):
             expert = self.experts[name]
             kwargs = {}
             if name == "detection":
-                kwargs = {"pixel_mask": detection_pixel_mask, "input_ids": detection_input_ids,
-                          "attention_mask": detection_attention_mask}  # fmt: skip
+                kwargs = {
+                    "pixel_mask": detection_pixel_mask,
+                    "input_ids": detection_input_ids,
+                    "attention_mask": detection_attention_mask,
+                }
             dtype = next(expert.parameters()).dtype
             frozen = not any(parameter.requires_grad for parameter in expert.parameters())
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -696,11 +699,13 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         keep = (images_per_sample > 0) & text_mask.any(dim=1)
         if not keep.any():
             return None
-        sample_of_image = torch.repeat_interleave(torch.arange(len(input_ids), device=input_ids.device),
-                                                  images_per_sample)  # fmt: skip
+        sample_of_image = torch.repeat_interleave(
+            torch.arange(len(input_ids), device=input_ids.device), images_per_sample
+        )
         pooled_images = image_features.mean(dim=1)  # [N, D]
-        visual = torch.zeros(len(input_ids), pooled_images.shape[-1], device=pooled_images.device,
-                             dtype=pooled_images.dtype).index_add_(0, sample_of_image, pooled_images)  # fmt: skip
+        visual = torch.zeros(
+            len(input_ids), pooled_images.shape[-1], device=pooled_images.device, dtype=pooled_images.dtype
+        ).index_add_(0, sample_of_image, pooled_images)
         visual = visual / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual.dtype)
         with torch.no_grad():
             text_embeds = self.get_input_embeddings()(input_ids) * text_mask.unsqueeze(-1)

@@ -77,8 +77,10 @@ def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"image {index}: an array image must be HxW, HxWxC or CxHxW with 1, 3 or 4 channels, "
-                         f"got shape {tuple(array.shape)}.")  # fmt: skip
+        raise ValueError(
+            f"image {index}: an array image must be HxW, HxWxC or CxHxW with 1, 3 or 4 channels, "
+            f"got shape {tuple(array.shape)}."
+        )
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):

@@ -32,17 +32,28 @@ def _is_single_video(videos) -> bool:
     """A list of frames (images or 3-D arrays), as opposed to a list of videos."""
     if getattr(videos, "ndim", 0) == 4:
         return True
-    return isinstance(videos, (list, tuple)) and len(videos) > 0 and not isinstance(videos[0], (list, tuple)) and (
-        getattr(videos[0], "ndim", 3) == 3
+    return (
+        isinstance(videos, (list, tuple))
+        and len(videos) > 0
+        and not isinstance(videos[0], (list, tuple))
+        and (getattr(videos[0], "ndim", 3) == 3)
     )
 
 
 class AstreaProcessor(ProcessorMixin):
     text_kwargs = {"padding": True}
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens: int = 576,
-                 image_token: str = "<image>", video_token: str = VIDEO_TOKEN, num_frames: int = 8,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_image_tokens: int = 576,
+        image_token: str = "<image>",
+        video_token: str = VIDEO_TOKEN,
+        num_frames: int = 8,
+        **kwargs,
+    ):
         """num_image_tokens: visual tokens per image (the model's `config.num_image_tokens`);
         num_frames: frames sampled from each video."""
         self.num_image_tokens = num_image_tokens

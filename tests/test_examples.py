@@ -10,13 +10,17 @@ from astrea_testing import REPO
 def test_demo_answers_a_question_about_an_image(tmp_path):
     result = subprocess.run(
         [sys.executable, "examples/ask.py", "--model", str(tmp_path / "tiny"), "--max-new-tokens", "5"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Q: What shapes are in the image?" in result.stdout
     assert re.search(r"5 tokens in [0-9.]+s; 16 visual tokens per image", result.stdout)
-    shares = [float(x) for x in re.findall(r"(?:caption|classification|detection|segmentation) ([0-9.]+)",
-                                           result.stdout)]  # fmt: skip
+    shares = [
+        float(x) for x in re.findall(r"(?:caption|classification|detection|segmentation) ([0-9.]+)", result.stdout)
+    ]
     assert len(shares) == 4 and abs(sum(shares) - 1) < 0.02
 
 
@@ -32,8 +36,7 @@ def test_readme_python_snippets_run(tmp_path):
     snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert snippets, "the README shows Python usage"
     for snippet in snippets:
-        result = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"
 
 
@@ -44,11 +47,22 @@ def test_chat_streams_answers_and_encodes_the_image_once(tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
     Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
     result = subprocess.run(
-        [sys.executable, "examples/chat.py", "--image", str(tmp_path / "red.png"), "--model", str(tmp_path / "tiny"),
-         "--max-new-tokens", "4"],
-        input="What colour is it?\nAnd its shape?\nAnything else?\n\n", cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "examples/chat.py",
+            "--image",
+            str(tmp_path / "red.png"),
+            "--model",
+            str(tmp_path / "tiny"),
+            "--max-new-tokens",
+            "4",
+        ],
+        input="What colour is it?\nAnd its shape?\nAnything else?\n\n",
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("astrea> ") == 3
     assert "[3 turns; the experts encoded 1 image(s) in all]" in result.stdout

@@ -27,8 +27,9 @@ PHASES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="astrea-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="astrea-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("phase", choices=sorted(PHASES), help="what to run")
     parser.add_argument("--recipe", required=True, help="recipe YAML file (see training/recipes/)")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue from checkpoints")

@@ -24,12 +24,15 @@ def stage_target(row: dict, stages: list[str], image_size: int) -> tuple[str, st
         elif stage == "classification":
             parts.append(f"Tags: {', '.join(row['tags'])}.")
         elif stage == "detection":
-            boxes = "; ".join(f"{label} [{', '.join(f'{v:.2f}' for v in box)}]"
-                              for label, box in zip(row["labels"], row["boxes"], strict=True))  # fmt: skip
+            boxes = "; ".join(
+                f"{label} [{', '.join(f'{v:.2f}' for v in box)}]"
+                for label, box in zip(row["labels"], row["boxes"], strict=True)
+            )
             parts.append(f"Boxes: {boxes}.")
         elif stage == "segmentation":
-            regions = "; ".join(region_text(mask, image_size, label)
-                                for label, mask in zip(row["labels"], row["masks"], strict=True))  # fmt: skip
+            regions = "; ".join(
+                region_text(mask, image_size, label) for label, mask in zip(row["labels"], row["masks"], strict=True)
+            )
             parts.append(f"Regions: {regions}.")
     return ", ".join(STAGE_TASKS[s] for s in stages), " ".join(parts)
 
@@ -88,8 +91,9 @@ class AstreaCollator:
     def generation_inputs(self, examples: list[dict]) -> dict:
         """Prompts only, padded on the left, with the cached expert features: for greedy answers."""
         texts = [self.prompt_text(example["prompt"]) for example in examples]
-        batch = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                                    add_special_tokens=False))  # fmt: skip
+        batch = dict(
+            self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        )
         batch["expert_features"] = self.cache.load([example["key"] for example in examples], self.experts)
         return batch
 

@@ -64,9 +64,20 @@ def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
         return [(cx, y0), (x1, cy), (cx, y1), (x0, cy)]
     if shape == "cross":
         a, b = w / 3, h / 3
-        return [(x0 + a, y0), (x1 - a, y0), (x1 - a, y0 + b), (x1, y0 + b), (x1, y1 - b), (x1 - a, y1 - b),
-                (x1 - a, y1), (x0 + a, y1), (x0 + a, y1 - b), (x0, y1 - b), (x0, y0 + b),
-                (x0 + a, y0 + b)]  # fmt: skip
+        return [
+            (x0 + a, y0),
+            (x1 - a, y0),
+            (x1 - a, y0 + b),
+            (x1, y0 + b),
+            (x1, y1 - b),
+            (x1 - a, y1 - b),
+            (x1 - a, y1),
+            (x0 + a, y1),
+            (x0 + a, y1 - b),
+            (x0, y1 - b),
+            (x0, y0 + b),
+            (x0 + a, y0 + b),
+        ]
     return None
 
 
@@ -95,8 +106,10 @@ def run_length_decode(runs: list[int], size: int) -> np.ndarray:
 
 
 def _overlaps(box, boxes, margin: float) -> bool:
-    return any(box[0] < b[2] + margin and b[0] < box[2] + margin and box[1] < b[3] + margin and b[1] < box[3] + margin
-               for b in boxes)  # fmt: skip
+    return any(
+        box[0] < b[2] + margin and b[0] < box[2] + margin and box[1] < b[3] + margin and b[1] < box[3] + margin
+        for b in boxes
+    )
 
 
 def _place(rng: random.Random, count: int, size: int) -> list[tuple[str, tuple[float, float, float, float]]]:
@@ -126,13 +139,16 @@ def _questions(rng: random.Random, objects: list[dict]) -> list[dict]:
     colours = [o["colour"] for o in objects]
     target = rng.choice(objects)
     if shapes.count(target["shape"]) == 1:
-        questions.append({"type": "colour", "question": f"What colour is the {target['shape']}?",
-                          "answer": target["colour"]})  # fmt: skip
+        questions.append(
+            {"type": "colour", "question": f"What colour is the {target['shape']}?", "answer": target["colour"]}
+        )
     if colours.count(target["colour"]) == 1:
-        questions.append({"type": "shape", "question": f"What shape is the {target['colour']} object?",
-                          "answer": target["shape"]})  # fmt: skip
-    questions.append({"type": "count", "question": "How many objects are there?",
-                      "answer": NUMBER_WORDS[len(objects)]})  # fmt: skip
+        questions.append(
+            {"type": "shape", "question": f"What shape is the {target['colour']} object?", "answer": target["shape"]}
+        )
+    questions.append(
+        {"type": "count", "question": "How many objects are there?", "answer": NUMBER_WORDS[len(objects)]}
+    )
     if rng.random() < 0.5:
         asked, answer = rng.choice(objects), "yes"
     else:
@@ -145,11 +161,15 @@ def _questions(rng: random.Random, objects: list[dict]) -> list[dict]:
         a, b = rng.sample(objects, 2)
         if len({_describe(o) for o in objects}) == len(objects) and abs(a["center"][0] - b["center"][0]) > 0.1:
             side = "left" if a["center"][0] < b["center"][0] else "right"
-            questions.append({"type": "position", "question": f"Is the {_describe(a)} left or right of the "
-                              f"{_describe(b)}?", "answer": side})  # fmt: skip
+            questions.append(
+                {
+                    "type": "position",
+                    "question": f"Is the {_describe(a)} left or right of the {_describe(b)}?",
+                    "answer": side,
+                }
+            )
         largest = max(objects, key=lambda o: o["area"])
-        questions.append({"type": "largest", "question": "Which object is the largest?",
-                          "answer": _describe(largest)})  # fmt: skip
+        questions.append({"type": "largest", "question": "Which object is the largest?", "answer": _describe(largest)})
     return questions
 
 
@@ -165,11 +185,17 @@ def draw_example(rng: random.Random, size: int = 64) -> dict:
         _draw(ImageDraw.Draw(mask_image), shape, box, 255)
         mask = np.asarray(mask_image) > 0
         ys, xs = np.nonzero(mask)
-        objects.append({
-            "shape": shape, "colour": colour, "size": size_name, "mask": run_length_encode(mask),
-            "box": [round(v / size, 3) for v in box], "area": float(mask.mean()),
-            "center": (float(xs.mean()) / size, float(ys.mean()) / size),
-        })  # fmt: skip
+        objects.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "size": size_name,
+                "mask": run_length_encode(mask),
+                "box": [round(v / size, 3) for v in box],
+                "area": float(mask.mean()),
+                "center": (float(xs.mean()) / size, float(ys.mean()) / size),
+            }
+        )
     objects.sort(key=lambda o: o["center"][0])  # left to right, so captions read the way the image does
     names = [f"a {o['size']} {_describe(o)}" for o in objects]
     caption = (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]) + "."

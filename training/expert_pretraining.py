@@ -38,8 +38,16 @@ def cell_labels(rows, grid: int, image_size: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(shapes), torch.from_numpy(colours)
 
 
-def pretrain_experts(model, image_processor, dataset, steps: int, learning_rate: float = 1e-3,
-                     batch_size: int = 64, num_images: int = 2000, seed: int = 0) -> dict[str, float]:  # fmt: skip
+def pretrain_experts(
+    model,
+    image_processor,
+    dataset,
+    steps: int,
+    learning_rate: float = 1e-3,
+    batch_size: int = 64,
+    num_images: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
     """Train every expert briefly on dense shape/colour labels; returns each expert's final training accuracy."""
     if steps <= 0:
         return {}

@@ -40,8 +40,9 @@ def expert_fingerprint(model, image_processor, expert: str) -> str:
     if expert == "detection":
         digest.update(str(model.config.detection_feature_level).encode())
         digest.update(str(model.config.detection_prompt_ids).encode())
-    preprocessing = {key: getattr(image_processor, key)[expert] for key in
-                     ("expert_sizes", "expert_image_mean", "expert_image_std")}  # fmt: skip
+    preprocessing = {
+        key: getattr(image_processor, key)[expert] for key in ("expert_sizes", "expert_image_mean", "expert_image_std")
+    }
     preprocessing["resample"] = int(image_processor.resample)
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     for name, tensor in model.model.experts[expert].state_dict().items():
@@ -54,6 +55,7 @@ class FeatureCache:
     """Expert features on disk under `root/<expert>-<fingerprint>/<key[:2]>/<key>.safetensors`."""
 
     def __init__(self, root: str | os.PathLike, fingerprints: dict[str, str]):
+        """fingerprints: {expert name: fingerprint} of the experts this cache holds (see `expert_fingerprint`)."""
         self.root = Path(root)
         self.fingerprints = dict(fingerprints)
         self.hits = self.misses = 0
@@ -111,11 +113,11 @@ class FeatureCache:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4)}
 
     @torch.no_grad()
-    def fill(self, model, image_processor, images: Iterable[Image.Image], batch_size: int = 32,
-             desc: str = "feature cache") -> dict[str, torch.Tensor]:  # fmt: skip
-        """Make sure every image has every cached expert's features; run the experts only on the misses.
-
-        Returns {image key: ...} nothing; the features are read back with `load`. Logs the hit rate."""
+    def fill(
+        self, model, image_processor, images: Iterable[Image.Image], batch_size: int = 32, desc: str = "feature cache"
+    ) -> dict[str, float]:
+        """Make sure every image has every cached expert's features, running the experts only on the misses;
+        read them back with `load`. Returns (and logs) the hit statistics."""
         experts = list(self.fingerprints)
         pending: list[tuple[str, Image.Image, list[str]]] = []
         seen = set()

@@ -59,8 +59,9 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     """`overrides` on top of `base`, merging nested mappings (so one sub-config field can be overridden)."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value  # fmt: skip
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -92,8 +93,16 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     dataset = load_data(recipe)
     if recipe.expert_pretraining.steps and not recipe.model.pretrained:
         spec = recipe.expert_pretraining
-        pretrain_experts(model, processor.image_processor, dataset["train"], spec.steps, spec.learning_rate,
-                         spec.batch_size, spec.num_images, recipe.seed)  # fmt: skip
+        pretrain_experts(
+            model,
+            processor.image_processor,
+            dataset["train"],
+            spec.steps,
+            spec.learning_rate,
+            spec.batch_size,
+            spec.num_images,
+            recipe.seed,
+        )
     cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
     rows, keys = {}, {}
     for split in ("train", "test"):
@@ -247,9 +256,14 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
-    record = {"stage": name, "steps": steps, "seconds": round(time.perf_counter() - start, 1),
-              "loss": history.loss, "heldout": history.heldout,
-              "feature_cache": ws.cache.stats()}  # fmt: skip
+    record = {
+        "stage": name,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss": history.loss,
+        "heldout": history.heldout,
+        "feature_cache": ws.cache.stats(),
+    }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_world_process_zero():
         target = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
@@ -263,8 +277,11 @@ def prealign(ws: Workspace) -> list[dict]:
     recipe, model = ws.recipe, ws.model
     spec = recipe.prealign
     order = list(spec.order)
-    plan = [(order, spec.stage_steps[0] if len(spec.stage_steps) == 1 else sum(spec.stage_steps))] if spec.joint \
-        else [(order[: i + 1], steps) for i, steps in enumerate(spec.stage_steps)]  # fmt: skip
+    plan = (
+        [(order, spec.stage_steps[0] if len(spec.stage_steps) == 1 else sum(spec.stage_steps))]
+        if spec.joint
+        else [(order[: i + 1], steps) for i, steps in enumerate(spec.stage_steps)]
+    )
     records = []
     for index, (experts, steps) in enumerate(plan):
         current = experts[-1]
@@ -276,8 +293,9 @@ def prealign(ws: Workspace) -> list[dict]:
         examples = prealign_examples(ws.data["train"], ws.keys["train"], experts, recipe.data.image_size)
         heldout = prealign_examples(ws.data["test"], ws.keys["test"], experts, recipe.data.image_size)[:64]
         name = f"{index + 1}-{'all' if spec.joint else current}"
-        records.append(run_stage(ws, name, model, examples, spec, steps,
-                                 lambda heldout=heldout: token_accuracy(ws, heldout)))  # fmt: skip
+        records.append(
+            run_stage(ws, name, model, examples, spec, steps, lambda heldout=heldout: token_accuracy(ws, heldout))
+        )
     model.model.alignment = None
     return records
 
@@ -312,8 +330,7 @@ def instruct(ws: Workspace) -> dict:
     train_model = apply_lora(model, spec, modules) if spec.lora else model
     examples = question_examples(ws.data["train"], ws.keys["train"])
     heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
-    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps,
-                       lambda: answer_accuracy(ws, heldout))  # fmt: skip
+    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, lambda: answer_accuracy(ws, heldout))
     if spec.lora:  # the folder holds the merged model; continue with it
         ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
     return record
@@ -339,10 +356,15 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collator.generation_inputs(chunk)
-        features = model.get_image_features(expert_features={k: v.to(device) for k, v in
-                                                             batch.pop("expert_features").items()})  # fmt: skip
-        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, mm_encoder_outputs={"image": features},
-                             max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
+        features = model.get_image_features(
+            expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()}
+        )
+        out = model.generate(
+            **{k: v.to(device) for k, v in batch.items()},
+            mm_encoder_outputs={"image": features},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
         new = out[:, batch["input_ids"].shape[1] :]
         texts.extend(ws.processor.batch_decode(new, skip_special_tokens=True))
         if features.router_probs is not None:
@@ -364,8 +386,9 @@ def token_accuracy(ws: Workspace, examples: list[dict]) -> float:
     model.eval()
     device = next(model.parameters()).device
     batch = ws.collator(examples)
-    batch = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-             for k, v in batch.items()}  # fmt: skip
+    batch = {
+        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in batch.items()
+    }
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
@@ -389,10 +412,14 @@ def evaluate(ws: Workspace) -> dict:
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
         "chance": {kind: round(chance[kind], 4) for kind in total},
         "count": dict(total),
-        "router": {kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
-                   for kind in router_sum},  # fmt: skip
-        "examples": [{"question": e["prompt"], "answer": e["answer"], "prediction": t}
-                     for e, t in list(zip(examples, texts, strict=True))[:20]],  # fmt: skip
+        "router": {
+            kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
+            for kind in router_sum
+        },
+        "examples": [
+            {"question": e["prompt"], "answer": e["answer"], "prediction": t}
+            for e, t in list(zip(examples, texts, strict=True))[:20]
+        ],
     }
 
 
@@ -409,8 +436,12 @@ def plot_router(metrics: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(EXPERT_NAMES)
     for i, expert in enumerate(EXPERT_NAMES):
-        ax.bar([k + i * width for k in range(len(kinds))], [metrics["router"][kind][expert] for kind in kinds],
-               width=width, label=expert)  # fmt: skip
+        ax.bar(
+            [k + i * width for k in range(len(kinds))],
+            [metrics["router"][kind][expert] for kind in kinds],
+            width=width,
+            label=expert,
+        )
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
     ax.set_ylabel("mean router probability")
     ax.set_title("Expert contributions per question type (cf. paper Fig. 2)")
@@ -439,7 +470,7 @@ def plot_stages(records: list[dict], path: Path) -> None:
         top.axvline(offset, color="gray", lw=0.5)
         bottom.axvline(offset, color="gray", lw=0.5)
     top.set_ylabel("training loss")
-    bottom.set_ylabel("held-out accuracy")
+    bottom.set_ylabel("held-out accuracy\n(stages: target tokens;\ninstruct: answers)")
     bottom.set_xlabel("step (stages in order)")
     top.set_title("Pre-alignment stages and instruction tuning (cf. paper Fig. 3)")
     top.legend(fontsize=8)
@@ -448,8 +479,12 @@ def plot_stages(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(recipe: Recipe, phases: tuple[str, ...] = ("prealign", "instruct", "evaluate"), resume: bool = False,
-        callbacks=None) -> dict:  # fmt: skip
+def run(
+    recipe: Recipe,
+    phases: tuple[str, ...] = ("prealign", "instruct", "evaluate"),
+    resume: bool = False,
+    callbacks=None,
+) -> dict:
     """The recipe's phases in order; returns (and writes) the metrics."""
     start = time.perf_counter()
     ws = prepare(recipe, resume=resume, callbacks=callbacks)

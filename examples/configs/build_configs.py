@@ -50,11 +50,24 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Astr
             bos_token_id=1,
             eos_token_id=2,
         ),
-        caption_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                        "num_hidden_layers": 2, "num_attention_heads": 2},  # fmt: skip
+        caption_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
         classification_config={
-            "vision_config": {"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 16,
-                              "depths": [1, 1, 1], "num_heads": [1, 2, 4], "window_size": 4},  # fmt: skip
+            "vision_config": {
+                "model_type": "swin",
+                "image_size": 64,
+                "patch_size": 4,
+                "embed_dim": 16,
+                "depths": [1, 1, 1],
+                "num_heads": [1, 2, 4],
+                "window_size": 4,
+            },
             "vision_width": 64,
             "num_tags": 24,
             "tag_hidden_size": 32,
@@ -63,12 +76,25 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Astr
             "tag_intermediate_size": 64,
         },
         detection_config={
-            "backbone_config": {"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 16,
-                                "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4,
-                                "out_features": ["stage2", "stage3", "stage4"]},  # fmt: skip
-            "text_config": {"model_type": "bert", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "intermediate_size": 64,
-                            "max_position_embeddings": 64},  # fmt: skip
+            "backbone_config": {
+                "model_type": "swin",
+                "image_size": 64,
+                "patch_size": 4,
+                "embed_dim": 16,
+                "depths": [1, 1, 1, 1],
+                "num_heads": [1, 1, 2, 2],
+                "window_size": 4,
+                "out_features": ["stage2", "stage3", "stage4"],
+            },
+            "text_config": {
+                "model_type": "bert",
+                "vocab_size": 128,
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+            },
             "d_model": 64,  # GroupNorm(32) needs 2+ values per group on its 1x1 level at batch 1
             "encoder_layers": 1,
             "decoder_layers": 2,
@@ -110,18 +136,35 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Astr
 
 def vicuna_13b() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=32001, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-        num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=32001,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def hermes2_yi_34b() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=64001, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,
-        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=5000000.0,
-        pad_token_id=0, bos_token_id=1, eos_token_id=7,
-    )  # fmt: skip
+        vocab_size=64001,
+        hidden_size=7168,
+        intermediate_size=20480,
+        num_hidden_layers=60,
+        num_attention_heads=56,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=5000000.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=7,
+    )
 
 
 def paper_config(text_config: LlamaConfig) -> AstreaConfig:
@@ -144,8 +187,9 @@ def main():
     tiny = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
     tiny.save_pretrained(HERE / "tiny")
     image_processor = AstreaImageProcessor.from_model_config(tiny, detection_size=64)
-    processor = AstreaProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template,
-                                num_image_tokens=tiny.num_image_tokens)  # fmt: skip
+    processor = AstreaProcessor(
+        image_processor, tokenizer, chat_template=tokenizer.chat_template, num_image_tokens=tiny.num_image_tokens
+    )
     processor.save_pretrained(HERE / "tiny")
     paper_config(vicuna_13b()).save_pretrained(HERE / "astrea-13b")
     paper_config(hermes2_yi_34b()).save_pretrained(HERE / "astrea-34b")

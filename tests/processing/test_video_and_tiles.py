@@ -51,8 +51,12 @@ def test_one_video_as_an_array_and_count_checks(processor):
 def test_anyres_adds_tiles_and_placeholders(tiny_config, tiny_model):
     base = AutoProcessor.from_pretrained(TINY)
     image_processor = AstreaImageProcessor.from_model_config(tiny_config, detection_size=64, do_anyres=True)
-    processor = AstreaProcessor(image_processor, base.tokenizer, chat_template=base.chat_template,
-                                num_image_tokens=tiny_config.num_image_tokens)  # fmt: skip
+    processor = AstreaProcessor(
+        image_processor,
+        base.tokenizer,
+        chat_template=base.chat_template,
+        num_image_tokens=tiny_config.num_image_tokens,
+    )
     wide = PIL.Image.new("RGB", (64, 30), "red")  # best pinpoint (32, 64): 1 x 2 tiles
     out = processor(images=[wide], text=["<image> wide"], return_tensors="pt")
     assert out["pixel_values"].shape[0] == 3  # the whole image + 2 tiles

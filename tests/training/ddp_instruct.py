@@ -10,11 +10,14 @@ from astrea.training import pipeline
 from astrea.training.recipe import Recipe
 
 out = Path(sys.argv[1])
-recipe = Recipe.from_dict({
-    "output_dir": str(out / "run"), "cache_dir": str(out / "cache"),
-    "data": {"num_train": 8, "num_test": 2},
-    "instruct": {"steps": 2, "batch_size": 2, "save_steps": 100, "logging_steps": 1},
-})  # fmt: skip
+recipe = Recipe.from_dict(
+    {
+        "output_dir": str(out / "run"),
+        "cache_dir": str(out / "cache"),
+        "data": {"num_train": 8, "num_test": 2},
+        "instruct": {"steps": 2, "batch_size": 2, "save_steps": 100, "logging_steps": 1},
+    }
+)
 ws = pipeline.prepare(recipe)
 pipeline.instruct(ws)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1

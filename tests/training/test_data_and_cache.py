@@ -47,10 +47,18 @@ def test_run_length_round_trip():
 
 def test_stage_targets_are_cumulative(data):
     row = data["train"][0]
-    prompts, targets = zip(*(stage_target(row, stages, 64) for stages in
-                             (["caption"], ["caption", "classification"],
-                              ["caption", "classification", "detection"],
-                              ["caption", "classification", "detection", "segmentation"])), strict=True)  # fmt: skip
+    prompts, targets = zip(
+        *(
+            stage_target(row, stages, 64)
+            for stages in (
+                ["caption"],
+                ["caption", "classification"],
+                ["caption", "classification", "detection"],
+                ["caption", "classification", "detection", "segmentation"],
+            )
+        ),
+        strict=True,
+    )
     assert prompts == ("caption", "caption, tags", "caption, tags, boxes", "caption, tags, boxes, regions")
     for shorter, longer in zip(targets, targets[1:], strict=False):
         assert longer.startswith(shorter)
@@ -98,8 +106,9 @@ def test_cache_fills_once_and_matches_the_experts(cache_setup):
     stats = cache.fill(model, processor, images)
     assert calls == [] and stats["hits"] == 3 * 4  # a second pass runs no expert
     loaded = cache.load([image_key(i) for i in images])
-    direct = model.model.get_expert_features(**{k: v for k, v in processor(images, return_tensors="pt").items()
-                                                if k != "num_tiles"})  # fmt: skip
+    direct = model.model.get_expert_features(
+        **{k: v for k, v in processor(images, return_tensors="pt").items() if k != "num_tiles"}
+    )
     for name in loaded:
         torch.testing.assert_close(loaded[name], direct[name])
 

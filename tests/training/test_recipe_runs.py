@@ -17,11 +17,16 @@ def micro_recipe(tmp_path, **sections) -> Recipe:
         "cache_dir": str(tmp_path / "cache"),
         "model": {"config": "examples/configs/tiny"},
         "data": {"num_train": 12, "num_test": 4},
-        "prealign": {"stage_steps": [2, 2, 2, 2], "batch_size": 4, "save_steps": 1, "logging_steps": 1,
-                     "learning_rate": 1e-2},
+        "prealign": {
+            "stage_steps": [2, 2, 2, 2],
+            "batch_size": 4,
+            "save_steps": 1,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+        },
         "instruct": {"steps": 3, "batch_size": 4, "save_steps": 1, "logging_steps": 1, "learning_rate": 1e-2},
         "eval": {"batch_size": 8, "max_new_tokens": 2},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Recipe.from_dict(data)
@@ -77,8 +82,10 @@ def test_instruct_with_lora_merges_into_a_plain_model(tmp_path):
     pipeline.instruct(ws)
     assert type(ws.model) is AstreaForConditionalGeneration
     merged = dict(ws.model.named_parameters())
-    assert not torch.equal(merged["model.language_model.layers.0.self_attn.q_proj.weight"],
-                           base["model.language_model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert not torch.equal(
+        merged["model.language_model.layers.0.self_attn.q_proj.weight"],
+        base["model.language_model.layers.0.self_attn.q_proj.weight"],
+    )
     assert not any("lora" in name for name in merged)
 
 
@@ -89,8 +96,13 @@ def test_full_run_writes_model_metrics_and_plots(tmp_path):
         assert (out / name).exists(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["accuracy"]) == set(saved["chance"]) and saved["minutes"] > 0
-    assert [s["stage"] for s in saved["stages"]] == ["1-caption", "2-classification", "3-detection",
-                                                     "4-segmentation", "instruct"]  # fmt: skip
+    assert [s["stage"] for s in saved["stages"]] == [
+        "1-caption",
+        "2-classification",
+        "3-detection",
+        "4-segmentation",
+        "instruct",
+    ]
     assert metrics["feature_cache"]["hit_rate"] > 0.5
     AstreaForConditionalGeneration.from_pretrained(out / "model")
 
@@ -131,13 +143,13 @@ def test_bad_rows_are_named(tmp_path):
     broken = data["train"].cast_column("image", data["train"].features["image"].__class__(decode=False))
     rows = broken.to_list()
     rows[2]["image"] = {"bytes": b"not an image", "path": None}
-    fixed = DatasetDict({"train": type(data["train"]).from_list(rows, features=broken.features),
-                         "test": data["test"]})  # fmt: skip
+    fixed = DatasetDict({"train": type(data["train"]).from_list(rows, features=broken.features), "test": data["test"]})
     fixed.save_to_disk(tmp_path / "data")
     with pytest.raises(ValueError, match="train row 2: its image does not decode"):
         pipeline.prepare(micro_recipe(tmp_path, data={"path": str(tmp_path / "data")}))
     rows[2]["image"] = None
-    DatasetDict({"train": type(data["train"]).from_list(rows, features=broken.features),
-                 "test": data["test"]}).save_to_disk(tmp_path / "data2")  # fmt: skip
+    DatasetDict(
+        {"train": type(data["train"]).from_list(rows, features=broken.features), "test": data["test"]}
+    ).save_to_disk(tmp_path / "data2")
     with pytest.raises(ValueError, match="train row 2 has no image"):
         pipeline.prepare(micro_recipe(tmp_path, data={"path": str(tmp_path / "data2")}))
