@@ -426,46 +426,43 @@ def evaluate(ws: Workspace) -> dict:
 # --- plots and the whole run -------------------------------------------------------------------------------
 
 
-def plot_router(metrics: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_router(metrics: dict, path: Path) -> None:
     kinds = list(metrics["router"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _pyplot().subplots(figsize=(8, 4))
     width = 0.8 / len(EXPERT_NAMES)
     for i, expert in enumerate(EXPERT_NAMES):
-        ax.bar(
-            [k + i * width for k in range(len(kinds))],
-            [metrics["router"][kind][expert] for kind in kinds],
-            width=width,
-            label=expert,
-        )
+        heights = [metrics["router"][kind][expert] for kind in kinds]
+        ax.bar([k + i * width for k in range(len(kinds))], heights, width=width, label=expert)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
     ax.set_ylabel("mean router probability")
     ax.set_title("Expert contributions per question type (cf. paper Fig. 2)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_stages(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(9, 6), sharex=True)
     offset = 0
     for record in records:
-        if record["loss"]:
-            steps, values = zip(*record["loss"], strict=True)
-            top.plot([offset + s for s in steps], values, label=record["stage"])
-        if record["heldout"]:
-            steps, values = zip(*record["heldout"], strict=True)
-            bottom.plot([offset + s for s in steps], values, marker="o", label=record["stage"])
+        for axis, key, style in ((top, "loss", {}), (bottom, "heldout", {"marker": "o"})):
+            if record[key]:
+                steps, values = zip(*record[key], strict=True)
+                axis.plot([offset + s for s in steps], values, label=record["stage"], **style)
         offset += record["steps"]
         top.axvline(offset, color="gray", lw=0.5)
         bottom.axvline(offset, color="gray", lw=0.5)
@@ -474,9 +471,7 @@ def plot_stages(records: list[dict], path: Path) -> None:
     bottom.set_xlabel("step (stages in order)")
     top.set_title("Pre-alignment stages and instruction tuning (cf. paper Fig. 3)")
     top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def run(
