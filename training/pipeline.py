@@ -327,11 +327,13 @@ def instruct(ws: Workspace) -> dict:
     if spec.train_projectors:
         modules.append(model.model.projectors)
     set_trainable(model, modules, language_model=not spec.lora)
-    train_model = apply_lora(model, spec, modules) if spec.lora else model
+    finished = ws.resume and (ws.output_dir / "stages" / "instruct" / "stage.json").exists()
+    lora = spec.lora and not finished  # a finished stage's folder already holds the merged model
+    train_model = apply_lora(model, spec, modules) if lora else model
     examples = question_examples(ws.data["train"], ws.keys["train"])
     heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
     record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, lambda: answer_accuracy(ws, heldout))
-    if spec.lora:  # the folder holds the merged model; continue with it
+    if lora:  # the folder holds the merged model; continue with it
         ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
     return record
 

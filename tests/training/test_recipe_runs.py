@@ -87,6 +87,9 @@ def test_instruct_with_lora_merges_into_a_plain_model(tmp_path):
         base["model.language_model.layers.0.self_attn.q_proj.weight"],
     )
     assert not any("lora" in name for name in merged)
+    ws.resume = True  # a resumed run loads the finished LoRA stage as a plain model
+    again = pipeline.instruct(ws)
+    assert again["stage"] == "instruct" and type(ws.model) is AstreaForConditionalGeneration
 
 
 def test_full_run_writes_model_metrics_and_plots(tmp_path):
