@@ -31,3 +31,15 @@ def random_pixels(config: AstreaConfig, num_images: int, seed: int = 0) -> dict[
 def prompt_ids(config: AstreaConfig, text_ids: list[int], num_images: int = 1) -> list[int]:
     """BOS, the placeholders of `num_images` images, then the text."""
     return [1] + [config.image_token_id] * (config.num_image_tokens * num_images) + text_ids
+
+
+#: Python source that makes `modeling_astrea` and `astrea.*` unimportable: the tests run it first in a
+#: subprocess to load saved folders as a user without this package would (trust_remote_code).
+BLOCK_PACKAGE = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_astrea" or name.startswith(("modeling_astrea.", "astrea")):
+            raise ModuleNotFoundError(f"{name} is blocked: this process must not see the package")
+sys.meta_path.insert(0, Block())
+"""

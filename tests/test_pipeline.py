@@ -8,7 +8,7 @@ import textwrap
 import PIL.Image
 import pytest
 import torch
-from astrea_testing import TINY
+from astrea_testing import BLOCK_PACKAGE, TINY
 from transformers import AutoProcessor, pipeline
 
 from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
@@ -59,13 +59,7 @@ def test_remote_code_processor_and_pipeline_without_the_package(folder, tmp_path
     assert {"processing_astrea.py", "image_processing_astrea.py", "modeling_astrea.py"} <= {
         p.name for p in folder.glob("*.py")
     }
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_astrea" or name.startswith(("modeling_astrea.", "astrea")):
-                    raise ModuleNotFoundError(name + " is blocked")
-        sys.meta_path.insert(0, Block())
+    script = BLOCK_PACKAGE + textwrap.dedent(f"""
         import PIL.Image
         from transformers import AutoProcessor, pipeline
         processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)

@@ -78,7 +78,6 @@ class Workspace:
     output_dir: Path
     resume: bool = False
     callbacks: list = field(default_factory=list)
-    history: dict = field(default_factory=dict)
 
     @property
     def collator(self) -> AstreaCollator:

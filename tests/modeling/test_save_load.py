@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import torch
-from astrea_testing import prompt_ids, random_pixels
+from astrea_testing import BLOCK_PACKAGE, prompt_ids, random_pixels
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
@@ -39,16 +39,6 @@ def test_save_and_load_give_identical_logits(tiny_model, tiny_config, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, tiny_model(**batch).logits, rtol=0, atol=0)
     torch.testing.assert_close(loaded.moco.queue, tiny_model.moco.queue)
     assert not any(p.requires_grad for p in loaded.model.experts.parameters())
-
-
-BLOCK_PACKAGE = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "modeling_astrea" or name.startswith(("modeling_astrea.", "astrea")):
-            raise ModuleNotFoundError(f"{name} is blocked: this process must not see the package")
-sys.meta_path.insert(0, Block())
-"""
 
 
 def test_remote_code_loads_without_the_package(tiny_model, tiny_config, tmp_path):
