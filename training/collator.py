@@ -56,6 +56,9 @@ def question_examples(rows, keys: list[str]) -> list[dict]:
     return examples
 
 
+MEMO_SIZE = 100_000  # tokenized texts kept per collator
+
+
 class AstreaCollator:
     """Examples -> `input_ids`, `attention_mask`, `labels` (answer tokens only) and `expert_features`."""
 
@@ -64,6 +67,21 @@ class AstreaCollator:
         self.tokenizer = processor.tokenizer
         self.cache = cache
         self.experts = experts
+        self._token_ids: dict[tuple[str, str], list[int]] = {}  # prompts and answers repeat: tokenize each once
+
+    def _tokenized(self, kind: str, text: str, render) -> list[int]:
+        ids = self._token_ids.get((kind, text))
+        if ids is None:
+            ids = self.tokenizer(render(text), add_special_tokens=False)["input_ids"]
+            if len(self._token_ids) < MEMO_SIZE:
+                self._token_ids[(kind, text)] = ids
+        return ids
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self._tokenized("prompt", prompt, self.prompt_text)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self._tokenized("answer", answer, lambda text: " " + text + self.tokenizer.eos_token)
 
     def prompt_text(self, prompt: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -74,10 +92,9 @@ class AstreaCollator:
     def __call__(self, examples: list[dict]) -> dict:
         rows, labels = [], []
         for example in examples:
-            prompt = self.tokenizer(self.prompt_text(example["prompt"]), add_special_tokens=False)["input_ids"]
-            answer = self.tokenizer(" " + example["answer"] + self.tokenizer.eos_token, add_special_tokens=False)
-            rows.append(prompt + answer["input_ids"])
-            labels.append([-100] * len(prompt) + answer["input_ids"])
+            prompt, answer = self.prompt_ids(example["prompt"]), self.answer_ids(example["answer"])
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
         length = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         batch = {

@@ -133,19 +133,26 @@ def _describe(obj) -> str:
     return f"{obj['colour']} {obj['shape']}"
 
 
-def _questions(rng: random.Random, objects: list[dict]) -> list[dict]:
+def _questions(rng: random.Random, objects: list[dict], every_object: bool = False) -> list[dict]:
+    """Questions about one image. Colour and shape questions ask about one random object, or about every object
+    (`every_object`) that its shape (colour) names unambiguously; the random draws are the same either way."""
     questions = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
-    target = rng.choice(objects)
-    if shapes.count(target["shape"]) == 1:
-        questions.append(
-            {"type": "colour", "question": f"What colour is the {target['shape']}?", "answer": target["colour"]}
-        )
-    if colours.count(target["colour"]) == 1:
-        questions.append(
-            {"type": "shape", "question": f"What shape is the {target['colour']} object?", "answer": target["shape"]}
-        )
+    chosen = rng.choice(objects)
+    for target in objects if every_object else [chosen]:
+        if shapes.count(target["shape"]) == 1:
+            questions.append(
+                {"type": "colour", "question": f"What colour is the {target['shape']}?", "answer": target["colour"]}
+            )
+        if colours.count(target["colour"]) == 1:
+            questions.append(
+                {
+                    "type": "shape",
+                    "question": f"What shape is the {target['colour']} object?",
+                    "answer": target["shape"],
+                }
+            )
     questions.append(
         {"type": "count", "question": "How many objects are there?", "answer": NUMBER_WORDS[len(objects)]}
     )
@@ -173,8 +180,8 @@ def _questions(rng: random.Random, objects: list[dict]) -> list[dict]:
     return questions
 
 
-def draw_example(rng: random.Random, size: int = 64) -> dict:
-    """One image and all its labels."""
+def draw_example(rng: random.Random, size: int = 64, every_object: bool = False) -> dict:
+    """One image and all its labels (`every_object`: see `_questions`)."""
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
     objects = []
@@ -206,19 +213,24 @@ def draw_example(rng: random.Random, size: int = 64) -> dict:
         "boxes": [o["box"] for o in objects],
         "labels": [_describe(o) for o in objects],
         "masks": [o["mask"] for o in objects],
-        "questions": _questions(rng, objects),
+        "questions": _questions(rng, objects, every_object),
     }
 
 
-def build_dataset(num_train: int = 2000, num_test: int = 300, image_size: int = 64, seed: int = 0) -> DatasetDict:
-    """Train and held-out test splits, drawn from independent random streams of the same seed."""
+def build_dataset(
+    num_train: int = 2000, num_test: int = 300, image_size: int = 64, seed: int = 0, every_object: bool = True
+) -> DatasetDict:
+    """Train and held-out test splits, drawn from independent random streams of the same seed.
 
-    def split(count: int, stream: int) -> Dataset:
+    With `every_object`, training images get colour and shape questions about each of their objects (more
+    binding practice per image); the test split always asks about one random object per image."""
+
+    def split(count: int, stream: int, every: bool) -> Dataset:
         rng = random.Random(seed * 1000003 + stream)
-        rows = [draw_example(rng, image_size) for _ in range(count)]
+        rows = [draw_example(rng, image_size, every) for _ in range(count)]
         return Dataset.from_list(rows, features=FEATURES)
 
-    return DatasetDict({"train": split(num_train, 0), "test": split(num_test, 1)})
+    return DatasetDict({"train": split(num_train, 0, every_object), "test": split(num_test, 1, False)})
 
 
 def chance_levels() -> dict[str, float]:

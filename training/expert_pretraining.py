@@ -47,8 +47,10 @@ def pretrain_experts(
     batch_size: int = 64,
     num_images: int = 2000,
     seed: int = 0,
+    colour_experts=None,
 ) -> dict[str, float]:
-    """Train every expert briefly on dense shape/colour labels; returns each expert's final training accuracy."""
+    """Train every expert briefly on dense shape labels, and those in `colour_experts` (default: all) on colour
+    labels too; returns each expert's final training accuracy on shapes."""
     if steps <= 0:
         return {}
     generator = torch.Generator().manual_seed(seed)
@@ -74,9 +76,9 @@ def pretrain_experts(
                 )[name]  # [B, P, C]
                 logits = head(features)
                 shape_logits, colour_logits = logits.split([len(SHAPES) + 1, len(COLOURS) + 1], dim=-1)
-                loss = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels[index].flatten()) + F.cross_entropy(
-                    colour_logits.flatten(0, 1), colour_labels[index].flatten()
-                )
+                loss = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels[index].flatten())
+                if colour_experts is None or name in colour_experts:
+                    loss = loss + F.cross_entropy(colour_logits.flatten(0, 1), colour_labels[index].flatten())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

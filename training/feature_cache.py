@@ -52,18 +52,24 @@ def expert_fingerprint(model, image_processor, expert: str) -> str:
 
 
 class FeatureCache:
-    """Expert features on disk under `root/<expert>-<fingerprint>/<key[:2]>/<key>.safetensors`."""
+    """Expert features on disk under `root/<expert>-<fingerprint>/<key[:2]>/<key>.safetensors`, and the entries
+    read so far in memory, up to `memory_mb` megabytes (later epochs then read no files)."""
 
-    def __init__(self, root: str | os.PathLike, fingerprints: dict[str, str]):
+    def __init__(self, root: str | os.PathLike, fingerprints: dict[str, str], memory_mb: float = 1024):
         """fingerprints: {expert name: fingerprint} of the experts this cache holds (see `expert_fingerprint`)."""
         self.root = Path(root)
         self.fingerprints = dict(fingerprints)
         self.hits = self.misses = 0
+        self.memory_budget = int(memory_mb * 2**20)
+        self.memory: dict[tuple[str, str], torch.Tensor] = {}
+        self.memory_used = 0
         self._check_writable()
 
     @classmethod
-    def for_model(cls, root, model, image_processor, experts: Iterable[str] = EXPERT_NAMES) -> "FeatureCache":
-        return cls(root, {name: expert_fingerprint(model, image_processor, name) for name in experts})
+    def for_model(
+        cls, root, model, image_processor, experts: Iterable[str] = EXPERT_NAMES, memory_mb: float = 1024
+    ) -> "FeatureCache":
+        return cls(root, {name: expert_fingerprint(model, image_processor, name) for name in experts}, memory_mb)
 
     def _check_writable(self) -> None:
         try:
@@ -80,11 +86,19 @@ class FeatureCache:
         return self.root / f"{expert}-{self.fingerprints[expert]}" / key[:2] / f"{key}.safetensors"
 
     def get(self, expert: str, key: str) -> torch.Tensor | None:
+        feature = self.memory.get((expert, key))
+        if feature is not None:
+            self.hits += 1
+            return feature
         path = self.path(expert, key)
         if path.exists():
             try:
                 feature = load_file(path)["feature"]
                 self.hits += 1
+                size = feature.numel() * feature.element_size()
+                if self.memory_used + size <= self.memory_budget:
+                    self.memory[(expert, key)] = feature
+                    self.memory_used += size
                 return feature
             except Exception as error:  # a damaged file: drop it, recompute
                 logger.warning(f"Feature cache entry {path} is unreadable ({error}); recomputing it.")

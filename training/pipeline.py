@@ -101,6 +101,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             spec.batch_size,
             spec.num_images,
             recipe.seed,
+            spec.colour_experts,
         )
     cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
     rows, keys = {}, {}
@@ -120,7 +121,7 @@ def load_data(recipe: Recipe):
     """The recipe's data: a `datasets` folder with train/test splits, or the synthetic set drawn here."""
     spec = recipe.data
     if spec.path is None:
-        return build_dataset(spec.num_train, spec.num_test, spec.image_size, spec.seed)
+        return build_dataset(spec.num_train, spec.num_test, spec.image_size, spec.seed, spec.every_object)
     from datasets import load_from_disk
 
     if not Path(spec.path).exists():
@@ -358,7 +359,9 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
         chunk = examples[start : start + batch_size]
         batch = collator.generation_inputs(chunk)
         features = model.get_image_features(
-            expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()}
+            expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()},
+            prompt_input_ids=batch["input_ids"].to(device),  # read by the sample-level router only
+            prompt_attention_mask=batch["attention_mask"].to(device),
         )
         out = model.generate(
             **{k: v.to(device) for k, v in batch.items()},

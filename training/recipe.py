@@ -29,6 +29,7 @@ class DataArgs:
     num_test: int = 300  # held-out images
     image_size: int = 64
     seed: int = 0
+    every_object: bool = True  # training colour/shape questions about every object, not one per image
 
 
 @dataclass
@@ -77,6 +78,8 @@ class ExpertPretrainArgs:
     learning_rate: float = 1e-3
     batch_size: int = 64
     num_images: int = 2000
+    # experts that also learn colour; the others learn shapes only (detectors and segmenters see objects, not paint)
+    colour_experts: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))
 
 
 @dataclass
@@ -101,6 +104,12 @@ class Recipe:
         unknown = [name for name in self.prealign.order if name not in EXPERT_NAMES]
         if unknown:
             raise ValueError(f"Recipe: unknown stage {unknown[0]!r} in prealign.order; stages are {EXPERT_NAMES}.")
+        unknown = [name for name in self.expert_pretraining.colour_experts if name not in EXPERT_NAMES]
+        if unknown:
+            raise ValueError(
+                f"Recipe: unknown expert {unknown[0]!r} in expert_pretraining.colour_experts; "
+                f"experts are {EXPERT_NAMES}."
+            )
         if len(set(self.prealign.order)) != len(self.prealign.order):
             raise ValueError(f"Recipe: prealign.order repeats a stage: {self.prealign.order}.")
         if not self.prealign.joint and len(self.prealign.stage_steps) != len(self.prealign.order):

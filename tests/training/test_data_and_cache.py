@@ -40,6 +40,20 @@ def test_dataset_is_deterministic_and_splits_differ(data):
     assert train_images.isdisjoint(image_key(image) for image in data["test"]["image"])
 
 
+def test_training_questions_ask_about_every_object_and_test_questions_about_one(data):
+    one = build_dataset(num_train=24, num_test=8, image_size=64, seed=3, every_object=False)
+    assert one["train"]["caption"] == data["train"]["caption"]  # the same images and objects either way
+    assert one["test"]["questions"] == data["test"]["questions"]
+    for every, single in zip(data["train"], one["train"], strict=True):
+        shapes = [label.split()[1] for label in every["labels"]]
+        asked = sorted(q["question"] for q in every["questions"] if q["type"] == "colour")
+        assert asked == sorted(f"What colour is the {s}?" for s in shapes if shapes.count(s) == 1)
+        assert sum(q["type"] == "colour" for q in single["questions"]) <= 1
+        assert {q["question"] for q in single["questions"]} <= {q["question"] for q in every["questions"]}
+    for row in data["test"]:
+        assert sum(q["type"] == "colour" for q in row["questions"]) <= 1
+
+
 def test_run_length_round_trip():
     mask = np.random.default_rng(0).random((16, 16)) > 0.6
     assert (run_length_decode(run_length_encode(mask), 16) == mask).all()
@@ -78,6 +92,9 @@ def test_recipe_rejects_unknown_keys_and_stages(tmp_path):
         Recipe.from_yaml(path)
     with pytest.raises(ValueError, match="does not exist"):
         Recipe.from_yaml(tmp_path / "absent.yaml")
+    path.write_text("expert_pretraining:\n  colour_experts: [caption, ocr]\n")
+    with pytest.raises(ValueError, match="unknown expert 'ocr' in expert_pretraining.colour_experts"):
+        Recipe.from_yaml(path)
 
 
 def test_shipped_recipes_load():
@@ -111,6 +128,25 @@ def test_cache_fills_once_and_matches_the_experts(cache_setup):
     )
     for name in loaded:
         torch.testing.assert_close(loaded[name], direct[name])
+
+
+def test_entries_once_read_are_served_from_memory_within_its_budget(tiny_model, tiny_config, tmp_path):
+    processor = AstreaImageProcessor.from_model_config(tiny_config, detection_size=64)
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
+    keys = [image_key(i) for i in images]
+    for budget, kept in ((64, True), (0, False)):
+        cache = FeatureCache.for_model(tmp_path / str(budget), tiny_model, processor, memory_mb=budget)
+        cache.fill(tiny_model, processor, images)
+        first = cache.load(keys)
+        for path in (tmp_path / str(budget)).rglob("*.safetensors"):
+            path.unlink()  # from here on only the in-memory copies can answer
+        if kept:
+            for name, feature in cache.load(keys).items():
+                torch.testing.assert_close(feature, first[name])
+            assert cache.memory_used <= 64 * 2**20
+        else:
+            with pytest.raises(KeyError, match="fill the cache first"):
+                cache.load(keys)
 
 
 def test_cache_keys_depend_on_the_expert_config_and_weights(cache_setup):
