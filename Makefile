@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
 
-.PHONY: install demo ask test configs clean
+.PHONY: install demo ask test bench configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ ask: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md
+bench: install
+	$(PY) benchmarks/run.py
 
 configs: install
 	$(PY) examples/configs/build_configs.py

@@ -110,6 +110,9 @@ class AstreaConfig(PreTrainedConfig):
     image_grid_size (`int`): every expert's feature grid is resampled to this side; an image becomes
         `image_grid_size**2` visual tokens (24 -> 576, the paper's Table 1 budget).
     router_top_k (`int`): k of the top-k router (Eq. 9-10; paper default 3 of 4, Table 3).
+    router_mode (`str`): `"token"`, the paper's router (per visual token, on the projected expert features), or
+        `"sample"`, one routing per image from its global (caption) feature and the prompt, so that the experts
+        outside its top-k do not run at all (faster inference; an option of ours, not the paper's).
     adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
     projector_hidden_act (`str`): activation of the expert projectors (Linear-act-Linear FFNs).
     detection_feature_level (`int`): which level of Grounding DINO's multi-scale encoder memory is the grid.
@@ -150,6 +153,7 @@ class AstreaConfig(PreTrainedConfig):
     image_token_id: int = 32000
     image_grid_size: int = 24
     router_top_k: int = 3
+    router_mode: str = "token"
     adapter_hidden_size: int = 1024
     projector_hidden_act: str = "gelu"
     detection_feature_level: int = 1
@@ -204,6 +208,8 @@ class AstreaConfig(PreTrainedConfig):
         problems = []
         if not 1 <= self.router_top_k <= len(EXPERT_NAMES):
             problems.append(f"router_top_k={self.router_top_k} must be between 1 and {len(EXPERT_NAMES)}")
+        if self.router_mode not in ("token", "sample"):
+            problems.append(f"router_mode={self.router_mode!r} must be 'token' or 'sample'")
         if self.image_grid_size < 1:
             problems.append(f"image_grid_size={self.image_grid_size} must be positive")
         if self.adapter_hidden_size < 1 or self.moco_embed_dim < 1 or self.moco_queue_size < 1:

@@ -148,6 +148,18 @@ class AstreaClassificationExpert(nn.Module):
         return height, width
 
 
+class _EncoderDone(Exception):
+    """Carries Grounding DINO's encoder output out of its forward (see `AstreaDetectionExpert.forward`)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
+def _stop_after_encoder(module, args, output):
+    raise _EncoderDone(output)
+
+
 class AstreaDetectionExpert(nn.Module):
     """Grounding DINO: one level of its text-conditioned encoder memory (`encoder_last_hidden_state_vision`).
 
@@ -185,10 +197,18 @@ class AstreaDetectionExpert(nn.Module):
     ) -> torch.Tensor:
         if input_ids is None:
             input_ids = torch.tensor([self.prompt_ids], device=pixel_values.device).expand(pixel_values.shape[0], -1)
-        output = self.model(
-            pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids, attention_mask=attention_mask
-        )
-        memory = output.encoder_last_hidden_state_vision  # [N, sum_l h_l*w_l, d]
+        # Astrea reads the encoder memory only: stop the forward once the encoder is done (the query selection and
+        # the decoder after it cost as much again and feed nothing here)
+        handle = self.model.encoder.register_forward_hook(_stop_after_encoder)
+        try:
+            self.model(
+                pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids, attention_mask=attention_mask
+            )
+            raise RuntimeError("Grounding DINO's encoder did not run.")  # unreachable: the hook always fires
+        except _EncoderDone as done:
+            memory = done.output.last_hidden_state_vision  # [N, sum_l h_l*w_l, d]
+        finally:
+            handle.remove()
         shapes = self.level_shapes(*pixel_values.shape[-2:])
         sizes = [h * w for h, w in shapes]
         if sum(sizes) != memory.shape[1]:
@@ -422,7 +442,9 @@ class AstreaModel(AstreaPreTrainedModel):
                 for name, width in config.expert_hidden_sizes.items()
             }
         )
-        self.router = nn.Linear(len(EXPERT_NAMES) * hidden, len(EXPERT_NAMES))
+        # per visual token on the concatenated projected features (Eq. 9), or per image on [global; prompt]
+        router_inputs = len(EXPERT_NAMES) * hidden if config.router_mode == "token" else 2 * hidden
+        self.router = nn.Linear(router_inputs, len(EXPERT_NAMES))
         self.adapters = nn.ModuleDict(
             {name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES}
         )
@@ -518,6 +540,57 @@ class AstreaModel(AstreaPreTrainedModel):
         fused = (router_probs.unsqueeze(-1).to(adapted.dtype) * adapted).sum(dim=-2)  # [N, P, D]
         return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
 
+    def image_prompt_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per image, the mean input embedding of its sample's prompt: text tokens that are not image placeholders,
+        not padding and (with `prompt_mask`) not the answer. [num_images, D], images in placeholder order."""
+        is_image = input_ids == self.config.image_token_id
+        keep = ~is_image
+        if attention_mask is not None:
+            keep &= attention_mask.bool()
+        if prompt_mask is not None:
+            keep &= prompt_mask.bool()
+        embeds = self.get_input_embeddings()(input_ids) * keep.unsqueeze(-1)
+        per_sample = embeds.sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp(min=1)
+        images_per_sample = is_image.sum(dim=1) // self.config.num_image_tokens
+        return per_sample.repeat_interleave(images_per_sample, dim=0)
+
+    def route_samples(
+        self, pixels: dict, expert_features: dict[str, torch.Tensor] | None, prompt: torch.Tensor | None
+    ) -> AstreaImageFeatures:
+        """Sample-level routing: one top-k choice per image from its global feature (the mean projected caption
+        feature) and its prompt; an expert that no image in the batch chose does not run, and one that some chose
+        runs on those images only. The visual tokens are the chosen experts' adapted features mixed with the
+        image's router probabilities (Eq. 10 with one P per image)."""
+
+        def features(name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+            if expert_features is not None:
+                if name not in expert_features:
+                    raise ValueError(f"expert_features lacks the features of {name}.")
+                return expert_features[name] if rows is None else expert_features[name][rows]
+            subset = {k: v if v is None or rows is None else v[rows] for k, v in pixels.items()}
+            return self.get_expert_features(**subset, experts=(name,))[name]
+
+        caption = self.projectors["caption"](features("caption"))  # the global expert always runs: [N, P, D]
+        if prompt is None:
+            prompt = caption.new_zeros(caption.shape[0], caption.shape[-1])
+        logits = self.router(torch.cat([caption.mean(dim=1), prompt.to(caption.dtype)], dim=-1))  # [N, E]
+        probs = top_k_router_probs(logits, self.config.router_top_k)
+        fused = caption.new_zeros(caption.shape)
+        for index, name in enumerate(EXPERT_NAMES):
+            rows = probs[:, index].nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue  # not in any image's top-k: the expert is skipped
+            projected = caption[rows] if name == "caption" else self.projectors[name](features(name, rows))
+            weight = probs[rows, index].to(projected.dtype)[:, None, None]
+            fused = fused.index_add(0, rows, weight * self.adapters[name](projected))
+        router_probs = probs[:, None, :].expand(-1, caption.shape[1], -1)
+        return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
+
     def get_alignment_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:
         """Visual tokens during progressive pre-alignment (Sec. 3.1), per `self.alignment`.
 
@@ -547,9 +620,30 @@ class AstreaModel(AstreaPreTrainedModel):
         detection_input_ids: torch.LongTensor | None = None,
         detection_attention_mask: torch.LongTensor | None = None,
         expert_features: dict[str, torch.Tensor] | None = None,
+        prompt_input_ids: torch.LongTensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> AstreaImageFeatures:
-        """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`."""
+        """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`.
+
+        With `config.router_mode == "sample"`, the router also reads the prompt: pass the token sequence the images
+        sit in as `prompt_input_ids` (with its `prompt_attention_mask`, and `prompt_mask` marking the prompt when
+        the sequence also holds the answer); without it the router sees the image alone."""
+        if self.config.router_mode == "sample" and self.alignment is None:
+            prompt = None
+            if prompt_input_ids is not None:
+                prompt = self.image_prompt_embeds(prompt_input_ids, prompt_attention_mask, prompt_mask)
+            pixels = {
+                "pixel_values": pixel_values,
+                "classification_pixel_values": classification_pixel_values,
+                "detection_pixel_values": detection_pixel_values,
+                "segmentation_pixel_values": segmentation_pixel_values,
+                "detection_pixel_mask": detection_pixel_mask,
+                "detection_input_ids": detection_input_ids,
+                "detection_attention_mask": detection_attention_mask,
+            }
+            return self.route_samples(pixels, expert_features, prompt)
         needed = self.alignment.experts if self.alignment is not None else EXPERT_NAMES
         if expert_features is None:
             expert_features = self.get_expert_features(
@@ -599,8 +693,11 @@ class AstreaModel(AstreaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
+        router_prompt_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> AstreaModelOutputWithPast:
+        """`router_prompt_mask` ([B, T], optional): which tokens are prompt (not answer), for the sample-level
+        router (`config.router_mode == "sample"`); by default every text token is."""
         # 1. check inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -627,6 +724,9 @@ class AstreaModel(AstreaPreTrainedModel):
                 detection_input_ids=detection_input_ids,
                 detection_attention_mask=detection_attention_mask,
                 expert_features=expert_features,
+                prompt_input_ids=input_ids,
+                prompt_attention_mask=attention_mask,
+                prompt_mask=router_prompt_mask,
             )
 
         # 4. merge: fused visual tokens replace the image placeholders
@@ -718,6 +818,26 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         return self.moco.embed_images(fused.mean(dim=1))
 
     @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """GenerationMixin.generate; with the sample-level router, images are encoded here, where the prompt is
+        known (generate's own image encoding sees pixel inputs only)."""
+        pixel_names = {
+            *PIXEL_INPUT_NAMES.values(),
+            "detection_pixel_mask",
+            "detection_input_ids",
+            "detection_attention_mask",
+        }
+        has_pixels = any(kwargs.get(name) is not None for name in PIXEL_INPUT_NAMES.values())
+        if self.config.router_mode == "sample" and has_pixels and not kwargs.get("mm_encoder_outputs"):
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            pixels = {name: kwargs.pop(name) for name in pixel_names if name in kwargs}
+            features = self.model.get_image_features(
+                **pixels, prompt_input_ids=input_ids, prompt_attention_mask=kwargs.get("attention_mask")
+            )
+            kwargs["mm_encoder_outputs"] = {"image": features}
+        return super().generate(inputs, **kwargs)
+
+    @torch.no_grad()
     def get_text_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """L2-normalised text embeddings from the momentum MoCo head (for retrieval): [batch, moco_embed_dim]."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -745,6 +865,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
         **kwargs,
     ) -> AstreaCausalLMOutputWithPast:
+        if labels is not None and self.config.router_mode == "sample":
+            kwargs.setdefault("router_prompt_mask", labels == -100)  # the sample router must not read the answer
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -47,6 +47,26 @@ def test_detection_expert_is_one_level_of_grounding_dinos_memory(tiny_model, tin
     torch.testing.assert_close(grid.flatten(2).transpose(1, 2), expected, atol=3e-4, rtol=1e-3)
 
 
+def test_detection_expert_skips_the_decoder(tiny_model, tiny_config):
+    expert = tiny_model.model.experts["detection"]
+    calls = {"encoder": 0, "decoder": 0}
+    hooks = [
+        getattr(expert.model, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    expert(random_pixels(tiny_config, 1)["detection_pixel_values"])
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"encoder": 1, "decoder": 0}
+    # the early exit leaves no hook behind: a plain forward of the wrapped model still runs to the end
+    expert.model(
+        pixel_values=random_pixels(tiny_config, 1)["detection_pixel_values"],
+        input_ids=torch.tensor([expert.prompt_ids]),
+    )
+
+
 def test_detection_level_shapes_for_non_square_inputs(tiny_model):
     expert = tiny_model.model.experts["detection"]
     memory = expert.model(pixel_values=torch.randn(1, 3, 48, 80), input_ids=torch.tensor([expert.prompt_ids]))
