@@ -77,7 +77,7 @@ def device_name() -> str:
 
 def build(name: str, text_overrides: dict | None = None, seed: int = 0, **config_overrides):
     """(model, processor) of a named configuration, random weights, on the benchmark device, in eval mode."""
-    from astrea.training.pipeline import deep_merge
+    from astrea.training.recipe import deep_merge
 
     config = AstreaConfig.from_pretrained(TINY)
     overrides = deep_merge(OVERRIDES[name], {"text_config": text_overrides or {}, **config_overrides})

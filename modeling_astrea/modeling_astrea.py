@@ -519,8 +519,9 @@ class AstreaModel(AstreaPreTrainedModel):
                     "attention_mask": detection_attention_mask,
                 }
             dtype = next(expert.parameters()).dtype
-            frozen = not any(parameter.requires_grad for parameter in expert.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            # a frozen expert runs without autograd (the scan over its parameters only matters when grad is on)
+            trainable = torch.is_grad_enabled() and any(p.requires_grad for p in expert.parameters())
+            with torch.set_grad_enabled(trainable):
                 feature_map = expert(inputs[name].to(dtype), **kwargs)  # [N, C, h, w]
             if feature_map.shape[-2:] != (grid, grid):
                 shrinking = feature_map.shape[-2] > grid or feature_map.shape[-1] > grid

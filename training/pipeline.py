@@ -28,7 +28,7 @@ from .collator import AstreaCollator, prealign_examples, question_examples
 from .data import build_dataset, chance_levels
 from .expert_pretraining import pretrain_experts
 from .feature_cache import FeatureCache, image_key
-from .recipe import InstructArgs, OptimArgs, Recipe
+from .recipe import InstructArgs, OptimArgs, Recipe, deep_merge
 
 logger = logging.get_logger(__name__)
 
@@ -53,16 +53,6 @@ def build_model(recipe: Recipe):
         processor.image_processor = AstreaImageProcessor.from_model_config(config, detection_size=detection)
     processor.num_image_tokens = model.config.num_image_tokens
     return model, processor
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """`overrides` on top of `base`, merging nested mappings (so one sub-config field can be overridden)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = (
-            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
 
 
 @dataclass

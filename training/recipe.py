@@ -126,19 +126,39 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"Recipe file {path} does not exist.")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"Recipe file {path} is not valid YAML: {error}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ValueError(f"Recipe file {path} must hold a mapping of sections, got {type(data).__name__}.")
-        return cls.from_dict(data, str(path))
+        """A recipe file. `extends: OTHER.yaml` (relative to the file) starts from another recipe and overrides
+        what this file lists, nested mappings merged key by key."""
+        return cls.from_dict(_read_yaml(Path(path), seen=()), str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ValueError(f"Recipe file {path} does not exist.")
+    if path.resolve() in seen:
+        raise ValueError(f"Recipe file {path} extends itself (through {' -> '.join(str(p) for p in seen)}).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"Recipe file {path} is not valid YAML: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"Recipe file {path} must hold a mapping of sections, got {type(data).__name__}.")
+    data = data or {}
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    return deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`overrides` on top of `base`, merging nested mappings (so one field of a section can be overridden)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if both_mappings else value
+    return merged
 
 
 def _build(cls, data: dict, source: str, prefix: str):
@@ -160,4 +180,4 @@ def _build(cls, data: dict, source: str, prefix: str):
     return cls(**kwargs)
 
 
-__all__ = ["DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]
+__all__ = ["deep_merge", "DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]

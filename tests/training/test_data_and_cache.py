@@ -97,6 +97,25 @@ def test_recipe_rejects_unknown_keys_and_stages(tmp_path):
         Recipe.from_yaml(path)
 
 
+def test_a_recipe_can_extend_another(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\ninstruct:\n  steps: 7\n  learning_rate: 0.5\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ninstruct:\n  steps: 9\n")
+    recipe = Recipe.from_yaml(tmp_path / "child.yaml")
+    assert (recipe.seed, recipe.instruct.steps, recipe.instruct.learning_rate) == (3, 9, 0.5)
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        Recipe.from_yaml(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("extends: absent.yaml\n")
+    with pytest.raises(ValueError, match="absent.yaml does not exist"):
+        Recipe.from_yaml(tmp_path / "child.yaml")
+    sample = Recipe.from_yaml("training/recipes/tiny-sample-routing.yaml")
+    assert sample.model.overrides["router_mode"] == "sample"
+    assert (
+        sample.model.overrides["image_grid_size"]
+        == Recipe.from_yaml("training/recipes/tiny.yaml").model.overrides["image_grid_size"]
+    )
+
+
 def test_shipped_recipes_load():
     for name in ("tiny", "astrea-13b", "astrea-34b"):
         recipe = Recipe.from_yaml(f"training/recipes/{name}.yaml")
