@@ -8,7 +8,8 @@ interleaved repetitions, so that it holds on a noisy machine. The device is CUDA
 else the CPU (float32). Peak memory on the CPU is the peak RSS of the measured call over the RSS before it, in a
 fresh subprocess per case (Linux `/proc`); on CUDA, `torch.cuda.max_memory_allocated` over the memory before.
 
-P1-P8 are the issue's figures; R1 adds the optional sample-level router's prefill against the per-token one.
+P1-P8 are the issue's figures; R1 adds the optional sample-level router's prefill against the per-token one, and
+R2 the fusion block under `torch.compile` (`model.model.compile_fusion()`) against eager.
 
 Configurations: `tiny` is `examples/configs/tiny`; `mid` scales it to the paper's visual token count (24x24 = 576),
 a SigLIP tower at 384 px and a 1024-wide, 8-layer LLM (the LLM then dominates, as at real scale).
@@ -143,10 +144,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def medians(cases: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each case, the cases interleaved in every repetition (after one warm-up each)."""
-    for fn in cases.values():
-        fn()
+def medians(cases: dict, repeats: int, budget_s: float = 3.0) -> dict[str, float]:
+    """Median seconds of each case, the cases interleaved in every repetition (after one warm-up each). Fast cases
+    get more repetitions than `repeats`, as many as fit in about `budget_s` seconds (at most 200)."""
+    round_s = sum(timed(fn) for fn in cases.values())
+    repeats = max(repeats, min(200, int(budget_s / max(round_s, 1e-6))))
     runs = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
@@ -154,7 +156,16 @@ def medians(cases: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
 def result(pid, name, value, config, limit=None, **details):
+    details = _rounded(details)
     return {
         "id": pid,
         "name": name,
@@ -224,20 +235,32 @@ def p2_prefill_overhead(config: str, repeats: int) -> dict:
         for k in ("pixel_mask", "input_ids", "attention_mask")
         if f"detection_{k}" in inputs
     }
-    cases = {"astrea": lambda: model(**inputs, use_cache=False), "llm": lambda: llm(**text, use_cache=False)}
-    for name in EXPERT_NAMES:
-        kwargs = detection if name == "detection" else {}
-        pixels = inputs[PIXEL_INPUT_NAMES[name]]
-        cases[name] = lambda e=experts[name], p=pixels, k=kwargs: e(p, **k)
+
+    def kwargs_of(name):
+        return detection if name == "detection" else {}
+
+    def run_experts():  # the four experts back to back, as any implementation has to run them
+        for name in EXPERT_NAMES:
+            experts[name](inputs[PIXEL_INPUT_NAMES[name]], **kwargs_of(name))
+
+    cases = {
+        "astrea": lambda: model(**inputs, use_cache=False),
+        "experts": run_experts,
+        "llm": lambda: llm(**text, use_cache=False),
+    }
     times = medians(cases, repeats)
-    parts = sum(seconds for name, seconds in times.items() if name != "astrea")
+    alone = {
+        name: medians({name: lambda n=name: experts[n](inputs[PIXEL_INPUT_NAMES[n]], **kwargs_of(n))}, 1)[name]
+        for name in EXPERT_NAMES
+    }
     return result(
         "P2",
         "prefill: Astrea forward / sum of its parts alone",
-        times["astrea"] / parts,
+        times["astrea"] / (times["experts"] + times["llm"]),
         config,
         limit=1.0,
         ms={name: round(seconds * 1e3, 2) for name, seconds in times.items()},
+        each_expert_ms={name: round(seconds * 1e3, 2) for name, seconds in alone.items()},
         sequence_length=inputs["input_ids"].shape[1],
         repeats=repeats,
     )
@@ -526,6 +549,43 @@ def r1_sample_routing(config: str, repeats: int) -> dict:
     )
 
 
+@torch.no_grad()
+def r2_compiled_fusion(config: str, repeats: int) -> dict:
+    """The fusion block (`fuse_expert_features`) under `torch.compile` over eager, on one image's expert features;
+    the whole prefill's ratio is in the details."""
+    model, processor = build(config)
+    inputs = inputs_for(model, processor)
+    features = model.model.get_expert_features(
+        **{k: v for k, v in inputs.items() if k.endswith("pixel_values") or k.startswith("detection_")}
+    )
+    eager = model.model.fuse_expert_features
+    start = time.perf_counter()
+    model.model.compile_fusion()
+    model.model.fuse_expert_features(features)  # compiles
+    compile_s = time.perf_counter() - start
+    compiled = model.model.fuse_expert_features
+    fusion = medians({"eager": lambda: eager(features), "compiled": lambda: compiled(features)}, repeats)
+
+    def prefill_with(fuse):
+        def run():
+            model.model.fuse_expert_features = fuse
+            model(**inputs, use_cache=False)
+
+        return run
+
+    prefill = medians({"eager": prefill_with(eager), "compiled": prefill_with(compiled)}, repeats)
+    return result(
+        "R2",
+        "fusion block: torch.compile / eager",
+        fusion["compiled"] / fusion["eager"],
+        config,
+        fusion_ms={k: round(v * 1e3, 3) for k, v in fusion.items()},
+        prefill_ratio=round(prefill["compiled"] / prefill["eager"], 3),
+        compile_s=round(compile_s, 1),
+        repeats=repeats,
+    )
+
+
 def p8_training_memory(config: str) -> dict:
     """Peak memory of one training step (instruction tuning: router, adapters, MoCo head, LLM), with gradient
     checkpointing over without."""
@@ -623,7 +683,7 @@ def table(results: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,R1", help="comma-separated benchmark ids")
+    parser.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,R1,R2", help="comma-separated benchmark ids")
     parser.add_argument("--configs", default="tiny,mid")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results.json")
@@ -637,9 +697,9 @@ def main():
         return
 
     only, configs = set(args.only.split(",")), args.configs.split(",")
-    unknown = only - {f"P{i}" for i in range(1, 9)} - {"R1"}
+    unknown = only - {f"P{i}" for i in range(1, 9)} - {"R1", "R2"}
     if unknown:
-        parser.error(f"unknown benchmark ids {sorted(unknown)}; choose from P1..P8 and R1")
+        parser.error(f"unknown benchmark ids {sorted(unknown)}; choose from P1..P8, R1 and R2")
     plan = []
     for config in configs:
         plan += [("P1", p1_decode_step, config), ("P2", p2_prefill_overhead, config)]
@@ -648,6 +708,7 @@ def main():
     plan += [("P5", lambda _, repeats: p5_prealign_throughput(repeats), None)]
     plan += [("P8", lambda config, _: p8_training_memory(config), config) for config in configs]
     plan += [("R1", r1_sample_routing, config) for config in configs]
+    plan += [("R2", r2_compiled_fusion, config) for config in configs]
     results = []
     for pid, fn, config in sorted(plan, key=lambda item: (item[0][0] == "R", int(item[0][1:]))):
         if pid not in only:

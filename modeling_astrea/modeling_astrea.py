@@ -592,6 +592,11 @@ class AstreaModel(AstreaPreTrainedModel):
         router_probs = probs[:, None, :].expand(-1, caption.shape[1], -1)
         return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
 
+    def compile_fusion(self, **compile_kwargs) -> None:
+        """Compiles the fusion block (projectors, router, adapters and the mixture of Eq. 10) with `torch.compile`
+        (keyword arguments go to it); the experts and the LLM are left as they are."""
+        self.fuse_expert_features = torch.compile(self.fuse_expert_features, **compile_kwargs)
+
     def get_alignment_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:
         """Visual tokens during progressive pre-alignment (Sec. 3.1), per `self.alignment`.
 

@@ -87,3 +87,14 @@ class TestResidualAttention:
         assert set(gates.unique().tolist()) <= {0.0, 1.0}
         assert gates.mean().item() == pytest.approx(0.3, abs=0.01)
         assert module.eval().sample_gates(4, 3, "cpu").eq(1).all()
+
+
+def test_compiled_fusion_matches_eager(tiny_model, tiny_config):
+    with torch.no_grad():
+        features = tiny_model.model.get_expert_features(**random_pixels(tiny_config, 2))
+        eager = tiny_model.model.fuse_expert_features(features)
+        tiny_model.model.compile_fusion()
+        compiled = tiny_model.model.fuse_expert_features(features)
+    assert "fuse_expert_features" in vars(tiny_model.model)  # the compiled function shadows the method
+    torch.testing.assert_close(compiled.pooler_output, eager.pooler_output, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled.router_probs, eager.router_probs)
