@@ -2,7 +2,7 @@
 
 Installed import names: `modeling_astrea` (the model; also the remote-code files) and the namespace `astrea`
 for the rest: `processing/` -> `astrea.processing`, `training/` -> `astrea.training`,
-`hub_cards/` -> `astrea.hub_cards`. No generic top-level name such as `processing` is installed.
+`evaluation/` -> `astrea.evaluation`, `hub_cards/` -> `astrea.hub_cards`. No generic top-level name such as `processing` is installed.
 """
 
 from setuptools import setup
@@ -12,11 +12,12 @@ setup(
     version="0.1.0",
     description="Astrea: a MoE-based vision-language model with progressive alignment, for transformers",
     python_requires=">=3.10",
-    packages=["modeling_astrea", "astrea.processing", "astrea.training", "astrea.hub_cards"],
+    packages=["modeling_astrea", "astrea.processing", "astrea.training", "astrea.evaluation", "astrea.hub_cards"],
     package_dir={
         "modeling_astrea": "modeling_astrea",
         "astrea.processing": "processing",
         "astrea.training": "training",
+        "astrea.evaluation": "evaluation",
         "astrea.hub_cards": "hub_cards",
     },
     install_requires=[
@@ -33,6 +34,7 @@ setup(
         "datasets==5.2.0",
         "pyyaml",
         "matplotlib",
+        "pycocoevalcap",  # BLEU and CIDEr, the COCO caption scorers
     ],
     entry_points={"console_scripts": ["astrea-train=astrea.training.cli:main"]},
     extras_require={
