@@ -2,7 +2,8 @@
 
 Installed import names: `modeling_astrea` (the model; also the remote-code files) and the namespace `astrea`
 for the rest: `processing/` -> `astrea.processing`, `training/` -> `astrea.training`,
-`evaluation/` -> `astrea.evaluation`, `hub_cards/` -> `astrea.hub_cards`. No generic top-level name such as `processing` is installed.
+`evaluation/` -> `astrea.evaluation`, `hub_cards/` -> `astrea.hub_cards`. No generic top-level name such as
+`processing` is installed.
 """
 
 from setuptools import setup

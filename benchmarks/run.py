@@ -609,10 +609,8 @@ def p8_training_memory(config: str) -> dict:
 def peak_memory_mb(case: str, **kwargs) -> float:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run_case(case, **kwargs)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        run_case(case, **kwargs)  # mark() sets the baseline after the model and inputs are built
+        return (torch.cuda.max_memory_allocated() - _BASELINE["bytes"]) / 2**20
     command = [sys.executable, __file__, "--memory-case", json.dumps({"case": case, **kwargs})]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mb"]
@@ -660,7 +658,12 @@ def _proc_status_kb(field: str) -> int:
 
 def mark():
     """Resets the process's peak RSS (Linux: clear_refs 5) and records the RSS now, what the model and inputs
-    take, so that the peak read after the measured call is that call's own."""
+    take, so that the peak read after the measured call is that call's own (on CUDA: allocated memory)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        _BASELINE["bytes"] = torch.cuda.memory_allocated()
+        return
     Path("/proc/self/clear_refs").write_text("5")
     _BASELINE["kb"] = _proc_status_kb("VmRSS")
 

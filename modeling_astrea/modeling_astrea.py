@@ -202,7 +202,11 @@ class AstreaDetectionExpert(nn.Module):
         handle = self.model.encoder.register_forward_hook(_stop_after_encoder)
         try:
             self.model(
-                pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids, attention_mask=attention_mask
+                pixel_values=pixel_values,
+                pixel_mask=pixel_mask,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                return_dict=True,
             )
             raise RuntimeError("Grounding DINO's encoder did not run.")  # unreachable: the hook always fires
         except _EncoderDone as done:
@@ -568,6 +572,11 @@ class AstreaModel(AstreaPreTrainedModel):
         runs on those images only. The visual tokens are the chosen experts' adapted features mixed with the
         image's router probabilities (Eq. 10 with one P per image)."""
 
+        if expert_features is None:
+            counts = {k: v.shape[0] for k, v in pixels.items() if k.endswith("pixel_values") and v is not None}
+            if len(set(counts.values())) > 1:
+                raise ValueError(f"Every expert must get the same images, but the pixel inputs hold {counts} images.")
+
         def features(name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
             if expert_features is not None:
                 if name not in expert_features:
@@ -579,13 +588,21 @@ class AstreaModel(AstreaPreTrainedModel):
         caption = self.projectors["caption"](features("caption"))  # the global expert always runs: [N, P, D]
         if prompt is None:
             prompt = caption.new_zeros(caption.shape[0], caption.shape[-1])
+        if prompt.shape[0] != caption.shape[0]:
+            raise ValueError(
+                f"The text holds {prompt.shape[0]} images' worth of image tokens but {caption.shape[0]} images were "
+                f"given ({self.config.num_image_tokens} image tokens per image)."
+            )
         logits = self.router(torch.cat([caption.mean(dim=1), prompt.to(caption.dtype)], dim=-1))  # [N, E]
         probs = top_k_router_probs(logits, self.config.router_top_k)
         fused = caption.new_zeros(caption.shape)
         for index, name in enumerate(EXPERT_NAMES):
             rows = probs[:, index].nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue  # not in any image's top-k: the expert is skipped
+            if rows.numel() == 0:  # not in any image's top-k: the expert is skipped
+                if self.training and torch.is_grad_enabled():  # a zero touch keeps DDP's gradient reduction whole
+                    unused = [p for m in (self.projectors[name], self.adapters[name]) for p in m.parameters()]
+                    fused = fused + sum(p.sum() * 0.0 for p in unused if p.requires_grad)
+                continue
             projected = caption[rows] if name == "caption" else self.projectors[name](features(name, rows))
             weight = probs[rows, index].to(projected.dtype)[:, None, None]
             fused = fused.index_add(0, rows, weight * self.adapters[name](projected))
@@ -594,7 +611,9 @@ class AstreaModel(AstreaPreTrainedModel):
 
     def compile_fusion(self, **compile_kwargs) -> None:
         """Compiles the fusion block (projectors, router, adapters and the mixture of Eq. 10) with `torch.compile`
-        (keyword arguments go to it); the experts and the LLM are left as they are."""
+        (keyword arguments go to it); the experts and the LLM are left as they are. Per-token routing only."""
+        if self.config.router_mode != "token":
+            raise ValueError("compile_fusion() compiles the per-token fusion; router_mode='sample' does not use it.")
         self.fuse_expert_features = torch.compile(self.fuse_expert_features, **compile_kwargs)
 
     def get_alignment_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:

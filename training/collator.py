@@ -57,6 +57,7 @@ def question_examples(rows, keys: list[str]) -> list[dict]:
 
 
 MEMO_SIZE = 100_000  # tokenized texts kept per collator
+MEMO_ANSWER_CHARS = 64  # answers longer than this are tokenized every time
 
 
 class AstreaCollator:
@@ -80,8 +81,13 @@ class AstreaCollator:
     def prompt_ids(self, prompt: str) -> list[int]:
         return self._tokenized("prompt", prompt, self.prompt_text)
 
+    def answer_text(self, answer: str) -> str:
+        return " " + answer + self.tokenizer.eos_token
+
     def answer_ids(self, answer: str) -> list[int]:
-        return self._tokenized("answer", answer, lambda text: " " + text + self.tokenizer.eos_token)
+        if len(answer) > MEMO_ANSWER_CHARS:  # captions, boxes, regions: unique per image, not worth keeping
+            return self.tokenizer(self.answer_text(answer), add_special_tokens=False)["input_ids"]
+        return self._tokenized("answer", answer, self.answer_text)
 
     def prompt_text(self, prompt: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

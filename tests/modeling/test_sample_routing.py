@@ -93,21 +93,71 @@ def test_the_router_reads_the_prompt_but_not_the_answer(sample_model, tiny_confi
     torch.testing.assert_close(probs["ids"], probs["answer_changed"])
 
 
-def test_training_step_reaches_the_router_and_generate_routes_with_the_prompt(sample_model, tiny_config):
+def prompt_steered(model, config):
+    """Detection's logit = -0.5 + 10 * (sum of the prompt embedding); caption and classification at 1.0, top-2.
+    Returns prompts (low, high) that keep detection out / bring it in."""
+    steer_router(model, [1.0, 1.0, -0.5, -5.0])
+    with torch.no_grad():
+        model.model.router.weight[2, config.text_config.hidden_size :] = 10.0
+    model.config.router_top_k = 2
+    sums = model.get_input_embeddings().weight.sum(-1)
+    return int(sums.argmin()), int(sums.argmax())
+
+
+def test_training_hides_the_answer_from_the_router_and_reaches_it(sample_model, tiny_config):
     sample_model.train()
-    pixels = random_pixels(tiny_config, 2)
-    ids = torch.tensor([prompt_ids(tiny_config, [5, 6, 7, 8])] * 2)
-    labels = ids.masked_fill(ids == tiny_config.image_token_id, -100)
-    labels[:, :-2] = -100
-    out = sample_model(input_ids=ids, labels=labels, **pixels)
+    low, high = prompt_steered(sample_model, tiny_config)
+    pixels = random_pixels(tiny_config, 1)
+    with torch.no_grad():
+        sample_model.model.router.weight[2, tiny_config.text_config.hidden_size :] = 100.0
+    probs, unlabelled = {}, {}
+    for answer in (low, high):  # the answer tokens differ; the prompt is the same
+        ids = torch.tensor([prompt_ids(tiny_config, [5, 6, answer, answer, answer])])
+        labels = torch.full_like(ids, -100)
+        labels[:, -3:] = ids[:, -3:]
+        out = sample_model(input_ids=ids, labels=labels, **pixels)
+        probs[answer] = out.router_probs[0, 0].detach()
+        with torch.no_grad():  # without labels every text token counts as prompt, the answer's too
+            unlabelled[answer] = sample_model(input_ids=ids, **pixels).router_probs[0, 0]
+    torch.testing.assert_close(probs[low], probs[high])
+    assert not torch.allclose(unlabelled[low], unlabelled[high])
     out.loss.backward()
     assert sample_model.model.router.weight.grad.abs().sum() > 0
-    sample_model.eval()
-    steer_router(sample_model, [2.0, 1.0, 0.5, -3.0])
-    calls = count_expert_calls(sample_model)
+
+
+def test_generate_routes_with_the_prompt(sample_model, tiny_config):
+    low, high = prompt_steered(sample_model, tiny_config)
+    rows = []
+    sample_model.model.experts["detection"].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    pixels = random_pixels(tiny_config, 2)
+    ids = torch.tensor([prompt_ids(tiny_config, [low] * 3), prompt_ids(tiny_config, [high] * 3)])
     with torch.no_grad():
         generated = sample_model.generate(input_ids=ids, **pixels, max_new_tokens=3, do_sample=False)
         direct = sample_model(input_ids=ids, **pixels).logits[:, -1].argmax(-1)
-    assert calls["segmentation"] == 0 and calls["caption"] == 2  # once per generate and once per forward
+    # detection ran on the one image whose prompt chose it, in generate and in forward; without the prompt
+    # (a zero prompt) it would run on none
+    assert rows == [1, 1]
     assert generated.shape == (2, ids.shape[1] + 3)
     assert torch.equal(generated[:, ids.shape[1]], direct)
+
+
+def test_mismatched_inputs_are_clear_errors_and_compile_is_refused(sample_model, tiny_config):
+    pixels = random_pixels(tiny_config, 2)
+    pixels["segmentation_pixel_values"] = pixels["segmentation_pixel_values"][:1]
+    with pytest.raises(ValueError, match="same images"):
+        sample_model.model.get_image_features(**pixels)
+    ids = torch.tensor([prompt_ids(tiny_config, [5], num_images=2)])
+    with pytest.raises(ValueError, match="2 images' worth of image tokens but 1 images"):
+        sample_model(input_ids=ids, **random_pixels(tiny_config, 1))
+    with pytest.raises(ValueError, match="router_mode='sample' does not use it"):
+        sample_model.model.compile_fusion()
+
+
+def test_a_skipped_expert_still_joins_the_backward_pass(sample_model, tiny_config):
+    sample_model.train()
+    steer_router(sample_model, [2.0, 1.0, 0.5, -3.0])
+    ids = torch.tensor([prompt_ids(tiny_config, [5, 6])])
+    labels = ids.masked_fill(ids == tiny_config.image_token_id, -100)
+    sample_model(input_ids=ids, labels=labels, **random_pixels(tiny_config, 1)).loss.backward()
+    adapter = sample_model.model.adapters["segmentation"]
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in adapter.parameters())  # zero, but present
