@@ -106,13 +106,19 @@ def inputs_for(model, processor, batch: int = 1, question: str = "What colour is
         if turn < turns - 1:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": "It is red."}]})
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image] * batch, text=[text] * batch, return_tensors="pt")
+    return on_device(processor(images=[image] * batch, text=[text] * batch, return_tensors="pt"))
+
+
+def on_device(batch: dict) -> dict:
+    """A batch on the benchmark device, floating tensors in its dtype (nested dicts too); `num_tiles` dropped."""
     device, dtype = device_and_dtype()
-    return {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        for k, v in inputs.items()
-        if k != "num_tiles"
-    }
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            out[key] = on_device(value)
+        elif key != "num_tiles":
+            out[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    return out
 
 
 def bare_llm(model):
@@ -312,17 +318,8 @@ def p3_against_llava_next(llm_size: str, repeats: int) -> dict:
     llava, llava_processor = llava_next_like(model)
     image = Image.new("RGB", (2 * model.config.caption_config.image_size,) * 2, (180, 120, 60))
     prompt = "<image> What colour is the circle?"
-    device, dtype = device_and_dtype()
-
-    def to_device(batch):
-        return {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-            for k, v in batch.items()
-            if k != "num_tiles"
-        }
-
-    ours = to_device(processor(images=[image], text=[prompt], return_tensors="pt"))
-    theirs = to_device(llava_processor(images=[image], text=[prompt], return_tensors="pt"))
+    ours = on_device(processor(images=[image], text=[prompt], return_tensors="pt"))
+    theirs = on_device(llava_processor(images=[image], text=[prompt], return_tensors="pt"))
     generate = {"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False}
     times = medians(
         {
@@ -394,7 +391,6 @@ def p5_prealign_throughput(repeats: int, batch_size: int = 16, steps: int = 4) -
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     rng = random.Random(0)
     fresh = iter(lambda: draw_example(rng), None)
-    device, dtype = device_and_dtype()
 
     def batch_of(n):
         rows = [next(fresh) for _ in range(n)]
@@ -409,15 +405,6 @@ def p5_prealign_throughput(repeats: int, batch_size: int = 16, steps: int = 4) -
         optimizer.step()
         optimizer.zero_grad()
 
-    def to_device(batch):
-        out = {}
-        for k, v in batch.items():
-            if isinstance(v, dict):
-                out[k] = {n: t.to(device=device, dtype=dtype) for n, t in v.items()}
-            else:
-                out[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        return out
-
     with tempfile.TemporaryDirectory() as root:
         cache = FeatureCache.for_model(root, model, processor.image_processor, experts=("caption",))
         collator = AstreaCollator(processor, cache, experts=("caption",))
@@ -426,13 +413,13 @@ def p5_prealign_throughput(repeats: int, batch_size: int = 16, steps: int = 4) -
 
         def warm():
             for batch in warm_batches:
-                train_step(to_device(collator([example for _, example in batch])))
+                train_step(on_device(collator([example for _, example in batch])))
 
         def cold():  # new images every call: the experts run, the entries are written, then read back
             for _ in range(steps):
                 batch = batch_of(batch_size)
                 cache.fill(model, processor.image_processor, [image for image, _ in batch])
-                train_step(to_device(collator([example for _, example in batch])))
+                train_step(on_device(collator([example for _, example in batch])))
 
         def uncached():
             for batch in warm_batches:
@@ -440,7 +427,7 @@ def p5_prealign_throughput(repeats: int, batch_size: int = 16, steps: int = 4) -
                 text.pop("expert_features")
                 pixels = processor.image_processor([image for image, _ in batch], return_tensors="pt")
                 text["pixel_values"] = pixels["pixel_values"]
-                train_step(to_device(text))
+                train_step(on_device(text))
 
         times = medians({"warm": warm, "cold": cold, "no_cache": uncached}, repeats)
     rates = {name: batch_size * steps / seconds for name, seconds in times.items()}
@@ -624,9 +611,7 @@ def run_case(case: str, **kwargs):
             model, processor = llava_next_like(model)
         image = Image.new("RGB", (2 * 384,) * 2, (180, 120, 60))
         batch = processor(images=[image], text=["<image> What colour is the circle?"], return_tensors="pt")
-        batch = {k: v for k, v in batch.items() if k != "num_tiles"}
-        device, dtype = device_and_dtype()
-        batch = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+        batch = on_device(batch)
         mark()
         with torch.no_grad():
             model.generate(**batch, max_new_tokens=1, do_sample=False)
