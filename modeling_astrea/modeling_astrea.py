@@ -571,7 +571,6 @@ class AstreaModel(AstreaPreTrainedModel):
         feature) and its prompt; an expert that no image in the batch chose does not run, and one that some chose
         runs on those images only. The visual tokens are the chosen experts' adapted features mixed with the
         image's router probabilities (Eq. 10 with one P per image)."""
-
         if expert_features is None:
             counts = {k: v.shape[0] for k, v in pixels.items() if k.endswith("pixel_values") and v is not None}
             if len(set(counts.values())) > 1:
@@ -582,7 +581,11 @@ class AstreaModel(AstreaPreTrainedModel):
                 if name not in expert_features:
                     raise ValueError(f"expert_features lacks the features of {name}.")
                 return expert_features[name] if rows is None else expert_features[name][rows]
-            subset = {k: v if v is None or rows is None else v[rows] for k, v in pixels.items()}
+            images = next((v.shape[0] for k, v in pixels.items() if k.endswith("pixel_values") and v is not None), 0)
+            subset = {  # per-image inputs follow the rows; shared ones (a [1, L] detection prompt) stay whole
+                k: v[rows] if v is not None and rows is not None and v.shape[0] == images else v
+                for k, v in pixels.items()
+            }
             return self.get_expert_features(**subset, experts=(name,))[name]
 
         caption = self.projectors["caption"](features("caption"))  # the global expert always runs: [N, P, D]
