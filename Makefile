@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
 
-.PHONY: install demo ask test bench configs clean
+.PHONY: install demo ask test bench ablations ablations-quick synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -32,6 +32,18 @@ test: install
 # Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md
 bench: install
 	$(PY) benchmarks/run.py
+
+# The paper's ablations (Tables 3, 4, 6), 3 seeds each: outputs/ablations/table.md and table.csv (~1 h on 2 cores)
+ablations: install
+	$(VENV)/bin/astrea-train ablate --recipe training/recipes/ablation.yaml
+
+# The same variants, 2 seeds, on a fraction of the data and steps: a few minutes
+ablations-quick: install
+	$(VENV)/bin/astrea-train ablate --recipe training/recipes/ablation-quick.yaml
+
+# The synthetic set's held-out images as benchmark files (VQA, multiple choice, yes/no, captions, boxes, retrieval)
+synthetic-benchmark: install
+	$(VENV)/bin/astrea-eval synthetic --output outputs/benchmarks/synthetic
 
 configs: install
 	$(PY) examples/configs/build_configs.py

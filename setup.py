@@ -37,7 +37,9 @@ setup(
         "matplotlib",
         "pycocoevalcap",  # BLEU and CIDEr, the COCO caption scorers
     ],
-    entry_points={"console_scripts": ["astrea-train=astrea.training.cli:main"]},
+    entry_points={
+        "console_scripts": ["astrea-train=astrea.training.cli:main", "astrea-eval=astrea.evaluation.cli:main"]
+    },
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
         "gpu": ["flash-attn", "bitsandbytes"],

@@ -4,6 +4,7 @@
     astrea-train prealign --recipe training/recipes/tiny.yaml       # the four pre-alignment stages only
     astrea-train instruct --recipe ... --resume                     # continue an interrupted run
     astrea-train evaluate --recipe ... --model outputs/demo/model   # evaluate a model folder
+    astrea-train ablate --recipe training/recipes/ablation.yaml     # Tables 3, 4, 6 over seeds (ablation.py)
 
 Multi-GPU / multi-node: the same command under `accelerate launch`, with a config from
 training/recipes/accelerate/ (DDP, DeepSpeed ZeRO-2/3, FSDP), e.g.
@@ -15,6 +16,7 @@ training/recipes/accelerate/ (DDP, DeepSpeed ZeRO-2/3, FSDP), e.g.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .recipe import Recipe
 
@@ -23,6 +25,7 @@ PHASES = {
     "prealign": ("prealign",),
     "instruct": ("instruct", "evaluate"),
     "evaluate": ("evaluate",),
+    "ablate": (),
 }
 
 
@@ -36,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="override the recipe's output_dir")
     parser.add_argument("--cache-dir", help="override the recipe's cache_dir (the expert feature cache)")
     parser.add_argument("--model", help="start from this model folder (model.pretrained)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="ablate: override ablation.seeds")
+    parser.add_argument("--variants", nargs="+", help="ablate: only these variants (e.g. full no_moco top_k=1)")
     return parser.parse_args(argv)
 
 
@@ -43,6 +48,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         recipe = Recipe.from_yaml(args.recipe)
+        if args.seeds or args.variants:
+            ablation = {
+                "seeds": args.seeds or recipe.ablation.seeds,
+                "variants": args.variants or recipe.ablation.variants,
+            }
+            recipe = Recipe.from_dict({**recipe.to_dict(), "ablation": ablation}, args.recipe)
     except ValueError as error:
         print(f"astrea-train: {error}", file=sys.stderr)
         return 2
@@ -52,6 +63,9 @@ def main(argv=None) -> int:
         recipe.cache_dir = args.cache_dir
     if args.model:
         recipe.model.pretrained = args.model
+
+    if args.phase == "ablate":
+        return ablate(recipe, args.recipe)
 
     from .pipeline import accuracy_table, run  # heavy imports after the arguments are known good
 
@@ -64,6 +78,19 @@ def main(argv=None) -> int:
         print(accuracy_table(metrics))
     print(json.dumps({k: metrics[k] for k in ("minutes", "feature_cache") if k in metrics}))
     print(f"wrote {recipe.output_dir}/ (model/, metrics.json, router.png, stages.png)")
+    return 0
+
+
+def ablate(recipe: Recipe, source: str) -> int:
+    from .ablation import ablate as run_ablation
+
+    try:
+        record = run_ablation(recipe, source)
+    except ValueError as error:
+        print(f"astrea-train: {error}", file=sys.stderr)
+        return 2
+    print((Path(recipe.output_dir) / "table.md").read_text())
+    print(f"{record['runs']} runs in {record['minutes']} min; wrote {recipe.output_dir}/table.md, table.csv")
     return 0
 
 

@@ -8,8 +8,9 @@ expert runs during training.
 
 import torch
 
-from .data import region_text
+from .data import CAPTION_PROMPT, box_text, grounding_pairs, grounding_prompt, region_text
 from .feature_cache import FeatureCache
+from .recipe import INSTRUCTION_TASKS
 
 #: What each pre-alignment stage asks for; stage k's instruction and target cover stages 1..k (Sec. 3.1.3).
 STAGE_TASKS = {"caption": "caption", "classification": "tags", "detection": "boxes", "segmentation": "regions"}
@@ -25,8 +26,7 @@ def stage_target(row: dict, stages: list[str], image_size: int) -> tuple[str, st
             parts.append(f"Tags: {', '.join(row['tags'])}.")
         elif stage == "detection":
             boxes = "; ".join(
-                f"{label} [{', '.join(f'{v:.2f}' for v in box)}]"
-                for label, box in zip(row["labels"], row["boxes"], strict=True)
+                f"{label} {box_text(box)}" for label, box in zip(row["labels"], row["boxes"], strict=True)
             )
             parts.append(f"Boxes: {boxes}.")
         elif stage == "segmentation":
@@ -53,6 +53,26 @@ def question_examples(rows, keys: list[str]) -> list[dict]:
     for row, key in zip(rows, keys, strict=True):
         for qa in row["questions"]:
             examples.append({"key": key, "prompt": qa["question"], "answer": qa["answer"], "type": qa["type"]})
+    return examples
+
+
+def instruction_examples(rows, keys: list[str], tasks=("questions",)) -> list[dict]:
+    """Instruction-tuning examples of the chosen `tasks`, image by image: the data set's questions, "caption"
+    (CAPTION_PROMPT -> the caption) and "grounding" ("Where is the <label>?" -> its box), worded as the
+    evaluation splits are (astrea.evaluation.synthetic)."""
+    unknown = [task for task in tasks if task not in INSTRUCTION_TASKS]
+    if unknown:
+        raise ValueError(f"unknown instruction task {unknown[0]!r}; tasks are {INSTRUCTION_TASKS}.")
+    examples = []
+    for row, key in zip(rows, keys, strict=True):
+        if "questions" in tasks:
+            examples.extend(question_examples([row], [key]))
+        if "caption" in tasks:
+            examples.append({"key": key, "prompt": CAPTION_PROMPT, "answer": row["caption"], "type": "caption"})
+        if "grounding" in tasks:
+            for label, box in grounding_pairs(row):
+                prompt, answer = grounding_prompt(label), box_text(box)
+                examples.append({"key": key, "prompt": prompt, "answer": answer, "type": "grounding"})
     return examples
 
 
@@ -121,4 +141,10 @@ class AstreaCollator:
         return batch
 
 
-__all__ = ["AstreaCollator", "prealign_examples", "question_examples", "stage_target"]
+__all__ = [
+    "AstreaCollator",
+    "instruction_examples",
+    "prealign_examples",
+    "question_examples",
+    "stage_target",
+]

@@ -26,6 +26,8 @@ COLOURS = {
 SIZES = {"small": 0.18, "medium": 0.28, "large": 0.40}  # side as a fraction of the image
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_TYPES = ("colour", "shape", "count", "presence", "position", "largest")
+#: Instructions beyond the questions (instruction data `tasks`, and the evaluation splits that test them)
+CAPTION_PROMPT = "Describe the image briefly."
 
 FEATURES = Features(
     {
@@ -228,9 +230,27 @@ def build_dataset(
     def split(count: int, stream: int, every: bool) -> Dataset:
         rng = random.Random(seed * 1000003 + stream)
         rows = [draw_example(rng, image_size, every) for _ in range(count)]
+        if not rows:  # from_list cannot tell an empty list's columns
+            return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
         return Dataset.from_list(rows, features=FEATURES)
 
     return DatasetDict({"train": split(num_train, 0, every_object), "test": split(num_test, 1, False)})
+
+
+def grounding_prompt(label: str) -> str:
+    return f"Where is the {label}?"
+
+
+def box_text(box) -> str:
+    """A normalised box as the model writes it: "[x0, y0, x1, y1]" with two decimals."""
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+def grounding_pairs(row: dict) -> list[tuple[str, list[float]]]:
+    """(label, box) for each object of a row that its label names unambiguously (a grounding question has one
+    right box)."""
+    labels = row["labels"]
+    return [(label, box) for label, box in zip(labels, row["boxes"], strict=True) if labels.count(label) == 1]
 
 
 def chance_levels() -> dict[str, float]:
@@ -253,4 +273,16 @@ def region_text(mask_runs: list[int], size: int, label: str) -> str:
     return f"{label} covers {share}% around ({xs.mean() / size:.2f}, {ys.mean() / size:.2f})"
 
 
-__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "build_dataset", "chance_levels", "draw_example", "region_text"]
+__all__ = [
+    "CAPTION_PROMPT",
+    "COLOURS",
+    "QUESTION_TYPES",
+    "SHAPES",
+    "box_text",
+    "build_dataset",
+    "chance_levels",
+    "draw_example",
+    "grounding_pairs",
+    "grounding_prompt",
+    "region_text",
+]

@@ -24,7 +24,7 @@ from astrea.processing.image_processing_astrea import load_rgb_image
 from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
 from modeling_astrea.modeling_astrea import AstreaAlignment
 
-from .collator import AstreaCollator, prealign_examples, question_examples
+from .collator import AstreaCollator, instruction_examples, prealign_examples, question_examples
 from .data import build_dataset, chance_levels
 from .expert_pretraining import pretrain_experts
 from .feature_cache import FeatureCache, image_key
@@ -68,6 +68,8 @@ class Workspace:
     output_dir: Path
     resume: bool = False
     callbacks: list = field(default_factory=list)
+    save_stages: bool = True  # each stage's model in its folder (what `resume` reloads)
+    track_heldout: bool = True  # held-out measures during each stage, for stages.png
 
     @property
     def collator(self) -> AstreaCollator:
@@ -177,6 +179,8 @@ class HistoryCallback(TrainerCallback):
             self.loss.append((state.global_step, float(logs["loss"])))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.measure is None:
+            return
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self.heldout.append((state.global_step, self.measure()))
 
@@ -235,7 +239,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         return record
     checkpoints = sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     resume_from = str(checkpoints[-1]) if ws.resume and checkpoints else None
-    history = HistoryCallback(measure, every=max(1, steps // 5))
+    history = HistoryCallback(measure if ws.track_heldout else None, every=max(1, steps // 5))
     trainer = AstreaSFTTrainer(
         model=model,
         args=sft_config(args, steps, stage_dir, ws.recipe.seed),
@@ -255,7 +259,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         "feature_cache": ws.cache.stats(),
     }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and ws.save_stages:
         target = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
         target.save_pretrained(stage_dir / "model")
         done.write_text(json.dumps(record, indent=1))
@@ -320,11 +324,13 @@ def instruct(ws: Workspace) -> dict:
     finished = ws.resume and (ws.output_dir / "stages" / "instruct" / "stage.json").exists()
     lora = spec.lora and not finished  # a finished stage's folder already holds the merged model
     train_model = apply_lora(model, spec, modules) if lora else model
-    examples = question_examples(ws.data["train"], ws.keys["train"])
+    examples = instruction_examples(ws.data["train"], ws.keys["train"], spec.tasks)
     heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
     record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, lambda: answer_accuracy(ws, heldout))
-    if lora:  # the folder holds the merged model; continue with it
+    if lora and ws.save_stages:  # the folder holds the merged model; continue with it
         ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
+    elif lora:
+        ws.model = train_model.merge_and_unload()
     return record
 
 
@@ -388,6 +394,41 @@ def token_accuracy(ws: Workspace, examples: list[dict]) -> float:
     mask = labels != -100
     model.train(was_training)
     return float((logits.argmax(-1)[mask] == labels[mask]).float().mean())
+
+
+class CachedInputs:
+    """Benchmark inputs (astrea.evaluation.benchmark) whose `image` fields are feature-cache keys: the experts'
+    features come from the cache instead of running the experts again."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    def generation(self, rows: list[dict], prompts: list[str]) -> dict:
+        model = self.ws.model
+        device = next(model.parameters()).device
+        examples = [{"key": row["image"], "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
+        batch = self.ws.collator.generation_inputs(examples)
+        batch = {
+            k: ({n: t.to(device) for n, t in v.items()} if k == "expert_features" else v.to(device))
+            for k, v in batch.items()
+        }
+        features = model.get_image_features(
+            expert_features=batch.pop("expert_features"),
+            prompt_input_ids=batch["input_ids"],  # read by the sample-level router only
+            prompt_attention_mask=batch["attention_mask"],
+        )
+        return {**batch, "mm_encoder_outputs": {"image": features}}
+
+    def images(self, rows: list[dict]) -> dict:
+        return {"expert_features": self.ws.cache.load([row["image"] for row in rows])}
+
+
+def evaluate_benchmark(ws: Workspace, rows: list[dict], batch_size: int | None = None) -> tuple[list[dict], dict]:
+    """`astrea.evaluation.benchmark.evaluate` on rows whose images are feature-cache keys (see CachedInputs)."""
+    from astrea.evaluation.benchmark import evaluate as evaluate_rows
+
+    batch_size = batch_size or ws.recipe.eval.batch_size
+    return evaluate_rows(ws.model, ws.processor, rows, batch_size, inputs=CachedInputs(ws), progress=False)
 
 
 def evaluate(ws: Workspace) -> dict:

@@ -12,6 +12,9 @@ import yaml
 
 from modeling_astrea import EXPERT_NAMES
 
+#: What instruction tuning can train on (`instruct.tasks`; see collator.instruction_examples).
+INSTRUCTION_TASKS = ("questions", "caption", "grounding")
+
 
 @dataclass
 class ModelArgs:
@@ -68,6 +71,7 @@ class InstructArgs(OptimArgs):
     use_moco: bool = True  # Eq. 11; Table 4
     router_top_k: int = 3  # Table 3
     train_projectors: bool = False  # the paper keeps them frozen after pre-alignment
+    tasks: list[str] = field(default_factory=lambda: ["questions"])  # + "caption", "grounding" (collator.py)
 
 
 @dataclass
@@ -89,6 +93,14 @@ class EvalArgs:
 
 
 @dataclass
+class AblationArgs:
+    """`astrea-train ablate` (see ablation.py): the seeds every variant runs with, and which variants."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=list)  # names as in table.csv; empty: all
+
+
+@dataclass
 class Recipe:
     output_dir: str = "outputs/run"
     cache_dir: str = "outputs/feature-cache"
@@ -99,6 +111,7 @@ class Recipe:
     prealign: PrealignArgs = field(default_factory=PrealignArgs)
     instruct: InstructArgs = field(default_factory=InstructArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    ablation: AblationArgs = field(default_factory=AblationArgs)
 
     def __post_init__(self):
         unknown = [name for name in self.prealign.order if name not in EXPERT_NAMES]
@@ -117,6 +130,14 @@ class Recipe:
                 f"Recipe: prealign.stage_steps has {len(self.prealign.stage_steps)} entries for "
                 f"{len(self.prealign.order)} stages."
             )
+        unknown = [task for task in self.instruct.tasks if task not in INSTRUCTION_TASKS]
+        if unknown or not self.instruct.tasks:
+            raise ValueError(
+                f"Recipe: instruct.tasks {self.instruct.tasks} must be a non-empty list of {INSTRUCTION_TASKS}."
+            )
+        seeds = self.ablation.seeds
+        if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"Recipe: ablation.seeds must be distinct integers, at least one; got {seeds}.")
         if not 1 <= self.instruct.router_top_k <= len(EXPERT_NAMES):
             raise ValueError(f"Recipe: instruct.router_top_k={self.instruct.router_top_k} must be in 1..4.")
 
@@ -180,4 +201,4 @@ def _build(cls, data: dict, source: str, prefix: str):
     return cls(**kwargs)
 
 
-__all__ = ["deep_merge", "DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]
+__all__ = ["AblationArgs", "deep_merge", "DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]

@@ -1,0 +1,95 @@
+"""astrea-eval: evaluate an Astrea folder on a benchmark given as local files.
+
+    astrea-eval synthetic --output outputs/benchmarks/synthetic      # the synthetic set's splits, as files
+    astrea-eval run --model outputs/demo/model --data outputs/benchmarks/synthetic/all.jsonl \\
+        --output outputs/eval/demo                                    # predictions.jsonl + summary.json
+
+`--data` is a JSONL file (images relative to it) or a `datasets` folder; the format is in
+astrea/evaluation/benchmark.py and the README.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="astrea-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="evaluate a model folder on a benchmark")
+    run.add_argument("--model", required=True, help="Astrea model folder (config, weights, processor)")
+    run.add_argument("--data", required=True, help="benchmark: a JSONL file or a datasets folder")
+    run.add_argument("--split", default="test", help="split of a DatasetDict folder (default: test)")
+    run.add_argument("--output", required=True, help="folder for predictions.jsonl and summary.json")
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, help="for every task (default: 64 captions, 32 boxes, 16 else)")
+    run.add_argument("--limit", type=int, help="only the first N rows")
+    run.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synthetic = commands.add_parser("synthetic", help="write the synthetic set's benchmark splits")
+    synthetic.add_argument("--output", required=True, help="benchmark folder to write")
+    synthetic.add_argument("--num-images", type=int, default=300, help="held-out images to draw (default 300)")
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--seed", type=int, default=0, help="the data seed (0: the demo recipe's held-out set)")
+    synthetic.add_argument("--from-dataset", help="use this datasets folder's test split instead of drawing")
+    return parser.parse_args(argv)
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--{name} must be at least 1, got {value}.")
+
+
+def run(args) -> int:
+    for name in ("batch-size", "max-new-tokens", "limit"):
+        _positive(name, getattr(args, name.replace("-", "_")))
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model} is not a model folder (no config.json).")
+    from .benchmark import evaluate, load_benchmark, write_results  # heavy imports once the arguments are good
+
+    rows = load_benchmark(args.data, args.split)[: args.limit]
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = AutoProcessor.from_pretrained(args.model)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    records, summary = evaluate(
+        model, processor, rows, args.batch_size, args.max_new_tokens, progress=not args.no_progress
+    )
+    summary = {"model": str(args.model), "data": str(args.data), "device": device, **summary}
+    folder = write_results(args.output, records, summary)
+    print(json.dumps(summary["tasks"], indent=1))
+    print(f"wrote {folder}/predictions.jsonl and {folder}/summary.json ({summary['seconds']} s)")
+    return 0
+
+
+def synthetic(args) -> int:
+    _positive("num-images", args.num_images)
+    _positive("image-size", args.image_size)
+    from .synthetic import write_synthetic_benchmark
+
+    written = write_synthetic_benchmark(args.output, args.num_images, args.image_size, args.seed, args.from_dataset)
+    for name, count in written.items():
+        print(f"{args.output}/{name}: {count} rows")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return {"run": run, "synthetic": synthetic}[args.command](args)
+    except ValueError as error:
+        print(f"astrea-eval: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
