@@ -7,6 +7,7 @@ Read top to bottom: output dataclasses, the expert wrappers (each returns a feat
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from .configuration_astrea import EXPERT_NAMES, AstreaConfig
 from .modeling_astrea_tagger import AstreaTaggerModel
 
 logger = logging.get_logger(__name__)
+
+IMAGE_TOKEN = "<image>"
+DETECTION_PROMPT = "object."  # the generic phrase list that conditions Grounding DINO by default
 
 #: Name of each expert's pixel input in `forward`, `generate` and the processor's output. The caption expert
 #: takes the conventional `pixel_values`, which is also what makes `generate()` encode images once at prefill.
@@ -810,6 +814,106 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    @classmethod
+    def from_experts(
+        cls,
+        llm: str | os.PathLike,
+        caption: str | os.PathLike,
+        classification: str | os.PathLike,
+        detection: str | os.PathLike,
+        segmentation: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        **config_overrides,
+    ) -> "AstreaForConditionalGeneration":
+        """An untrained Astrea assembled from pretrained parts, each a local folder or a Hub id.
+
+        - `llm`: any `AutoModelForCausalLM` checkpoint with its tokenizer (Vicuna-1.5, Qwen2, Llama...). When the
+          tokenizer has no `<image>` token, one is added (as `AstreaProcessor.from_experts` does) and the embedding
+          matrix grows by that one row.
+        - `caption`: SigLIP, a `SiglipModel` or `SiglipVisionModel` checkpoint (google/siglip-so400m-patch14-384).
+        - `classification`: an Astrea tagger folder; `python -m modeling_astrea.convert_ram_plus` makes one from
+          the released RAM++ weights.
+        - `detection`: Grounding DINO, a `GroundingDinoModel` or `GroundingDinoForObjectDetection` checkpoint. The
+          paper's Grounding-DINO-1.5 has no released weights; the open IDEA-Research/grounding-dino-base (or -tiny)
+          and MM-Grounding-DINO checkpoints are the real options. Its tokenizer, when present, encodes the
+          generic detection prompt.
+        - `segmentation`: SAM2, a `Sam2Model` checkpoint (facebook/sam2.1-hiera-large) or its vision encoder.
+
+        Every loaded part keeps its weights exactly; the projectors, router, adapters, residual attention and MoCo
+        head are new (randomly initialised). `config_overrides` are `AstreaConfig` fields (`image_grid_size`,
+        `router_top_k`, ...). `dtype` loads the parts in that dtype and casts the new modules to it. Pair the model
+        with `AstreaProcessor.from_experts(...)` on the same paths.
+        """
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            GroundingDinoModel,
+            Sam2Model,
+            Sam2VisionModel,
+            SiglipVisionModel,
+        )
+
+        load = {"dtype": dtype} if dtype is not None else {}
+        language = AutoModelForCausalLM.from_pretrained(llm, **load)
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+        parts = {
+            "caption": SiglipVisionModel.from_pretrained(caption, **load),
+            "classification": AstreaTaggerModel.from_pretrained(classification, **load),
+            "detection": GroundingDinoModel.from_pretrained(detection, **load),
+        }
+        if AutoConfig.from_pretrained(segmentation).model_type == "sam2":
+            parts["segmentation"] = Sam2Model.from_pretrained(segmentation, **load).vision_encoder
+        else:
+            parts["segmentation"] = Sam2VisionModel.from_pretrained(segmentation, **load)
+
+        overrides = dict(config_overrides)
+        if "detection_prompt_ids" not in overrides:
+            try:
+                phrases = AutoTokenizer.from_pretrained(detection)
+                overrides["detection_prompt_ids"] = phrases(DETECTION_PROMPT)["input_ids"]
+            except (OSError, ValueError):
+                logger.warning(
+                    f"No tokenizer beside the detection expert ({detection}): its prompt stays "
+                    f"config.detection_prompt_ids (bert-base-uncased ids of {DETECTION_PROMPT!r})."
+                )
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            image_token_id = len(tokenizer)  # AstreaProcessor.from_experts adds the token with this id
+        text_config = language.config.to_dict()
+        text_config["vocab_size"] = max(language.config.vocab_size, image_token_id + 1)
+        config = AstreaConfig(
+            text_config=text_config,
+            caption_config=parts["caption"].config.to_dict(),
+            classification_config=parts["classification"].config.to_dict(),
+            detection_config=parts["detection"].config.to_dict(),
+            segmentation_config=parts["segmentation"].config.to_dict(),
+            image_token_id=image_token_id,
+            tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
+            **overrides,
+        )
+        with torch.device("meta"):  # no memory for the parts that are about to be replaced
+            model = cls(config)
+        for name, part in parts.items():
+            model.model.experts[name].model = part
+        model.model.language_model = language.base_model
+        model.lm_head = language.get_output_embeddings()
+        # the new modules: give them memory and initialise them, children before parents (MoCo copies its head)
+        device = next(language.parameters()).device
+        for module in reversed(list(model.modules())):
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if any(t.is_meta for t in tensors):
+                module.to_empty(device=device, recurse=False)
+                model._init_weights(module)
+        model.moco.reset_momentum_head()
+        if dtype is not None:
+            model.to(dtype)
+        if model.get_input_embeddings().num_embeddings < text_config["vocab_size"]:  # a row for the <image> token
+            model.resize_token_embeddings(text_config["vocab_size"], mean_resizing=False)
+        model.train(False)
+        return model
 
     def get_image_features(self, **kwargs) -> AstreaImageFeatures:
         return self.model.get_image_features(**kwargs)

@@ -18,6 +18,25 @@ from transformers.processing_utils import ProcessorMixin
 from .image_processing_astrea import flatten_images, load_rgb_image
 
 VIDEO_TOKEN = "<video>"
+IMAGE_TOKEN = "<image>"
+
+#: Vicuna-style chat: "USER: <image>\nquestion\nASSISTANT: answer</s>" (the tokenizer's EOS ends a turn). Content may
+#: be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts, as transformers' chat
+#: messages are.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}\n"
+    "{% else %}{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def sample_frames(frames, num_frames: int) -> list:
@@ -62,6 +81,87 @@ class AstreaProcessor(ProcessorMixin):
         self.image_token = getattr(tokenizer, "image_token", None) or image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_experts(
+        cls,
+        llm,
+        caption,
+        classification,
+        detection,
+        segmentation,
+        *,
+        image_grid_size: int = 24,
+        detection_size: int = 800,
+        chat_template: str | None = None,
+    ) -> "AstreaProcessor":
+        """The processor of `AstreaForConditionalGeneration.from_experts` on the same parts (folders or Hub ids).
+
+        The tokenizer is the LLM's, padding on the left, with `<image>` added when it lacks one (the model side adds
+        the matching embedding row). Each expert's input side and normalisation come from its own processor config
+        (`preprocessor_config.json`) where the folder has one, else from its model config: SigLIP and the tagger at
+        their `image_size`, Grounding DINO at `detection_size` (its processor resizes the shortest edge to 800),
+        SAM2 at its backbone's `image_size`. `chat_template` defaults to Vicuna's USER/ASSISTANT turns;
+        `image_grid_size` must match the model's (24 by default: 576 visual tokens per image).
+        """
+        from transformers import AutoTokenizer, PreTrainedConfig
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        from .image_processing_astrea import AstreaImageProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(llm, padding_side="left")
+        if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+            tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+        def model_config(path, outer: str, *inner: str) -> dict:
+            config = PreTrainedConfig.get_config_dict(path)[0]
+            if config.get("model_type") == outer:  # a whole model's checkpoint: its vision part
+                for key in inner:
+                    config = config.get(key, {})
+            return config
+
+        def normalisation(path, name: str) -> tuple[list[float], list[float]]:
+            try:
+                processor_config = ImageProcessingMixin.get_image_processor_dict(path)[0]
+            except OSError:  # no preprocessor_config.json: the expert's usual normalisation
+                processor_config = {}
+            mean = processor_config.get("image_mean", AstreaImageProcessor.expert_image_mean[name])
+            std = processor_config.get("image_std", AstreaImageProcessor.expert_image_std[name])
+            return list(mean), list(std)
+
+        segmentation_side = model_config(segmentation, "sam2", "vision_config").get("backbone_config", {})
+        segmentation_side = segmentation_side.get("image_size", 1024)
+        sizes = {
+            "caption": model_config(caption, "siglip", "vision_config").get("image_size", 224),
+            "classification": model_config(classification, "").get("vision_config", {}).get("image_size", 384),
+            "detection": detection_size,
+            "segmentation": segmentation_side[0] if isinstance(segmentation_side, list) else segmentation_side,
+        }
+        paths = {"caption": caption, "classification": classification, "detection": detection}
+        paths["segmentation"] = segmentation
+        means, stds = {}, {}
+        for name, path in paths.items():
+            means[name], stds[name] = normalisation(path, name)
+        side = sizes["caption"]
+        image_processor = AstreaImageProcessor(
+            expert_sizes=sizes,
+            expert_image_mean=means,
+            expert_image_std=stds,
+            size={"height": side, "width": side},
+            image_mean=means["caption"],
+            image_std=stds["caption"],
+            anyres_tile_size=side,
+            image_grid_pinpoints=[[side * h, side * w] for h, w in ((1, 2), (2, 1), (2, 2))],
+        )
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template or CHAT_TEMPLATE,
+            num_image_tokens=image_grid_size**2,
+            image_token=IMAGE_TOKEN,
+        )
 
     @property
     def unused_input_names(self) -> list[str]:

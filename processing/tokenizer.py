@@ -7,25 +7,10 @@ placeholder `<image>` is a special token, so it is never split.
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .processing_astrea import CHAT_TEMPLATE
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]  # ids 0..3, matching the tiny text config
-
-#: Vicuna-style chat: "USER: <image>\nquestion\nASSISTANT: answer</s>". Content may be a string or a list of
-#: {"type": "image"} / {"type": "text", "text": ...} parts, as transformers' chat messages are.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
-    "else message['content'][0]['text'] }}\n"
-    "{% else %}{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 _WORDS = (
     "a an the is are there of in on at to and or with without what which where how many much does do this that "

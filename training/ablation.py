@@ -10,14 +10,15 @@ order), runs pre-alignment and instruction tuning with its variant's settings, a
 images' benchmark splits (astrea.evaluation.synthetic: VQA, captioning, grounding, retrieval). Runs write
 `runs/<variant>/seed-<n>.json` under the output folder and are skipped when that file exists, so an
 interrupted ablation continues where it stopped. Variants that are the same run (top_k=3, the full model and
-the forward order, with the default recipe) are trained once and reported in each table.
+the forward order, with the default recipe) are trained once and reported in each table, and variants that differ
+only in instruction tuning (top-k, MoCo) share each seed's pre-alignment instead of repeating it.
 """
 
 import csv
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers.utils import logging
@@ -112,10 +113,22 @@ def train_and_evaluate(shared, recipe: Recipe, benchmark: list[dict]) -> dict:
     )
     ws.output_dir.mkdir(parents=True, exist_ok=True)
     (ws.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
-    prealign(ws)
+    key = prealign_key(recipe)
+    if key in shared.prealigned:  # same seed and pre-alignment as an earlier run: the same pre-aligned model
+        model.load_state_dict(shared.prealigned[key])
+    else:
+        prealign(ws)
+        shared.prealigned[key] = {name: value.clone() for name, value in model.state_dict().items()}
     instruct(ws)
     _, summary = evaluate_benchmark(ws, benchmark)
     return {"seconds": round(time.perf_counter() - start, 1), "summary": summary, **column_values(summary)}
+
+
+def prealign_key(recipe: Recipe) -> str:
+    """What decides the model after pre-alignment: everything but instruction tuning, evaluation and folders.
+    Variants that differ only after it (top-k, MoCo) start instruction tuning from one pre-alignment per seed."""
+    after = ("instruct", "eval", "ablation", "output_dir", "cache_dir")
+    return json.dumps({k: v for k, v in recipe.to_dict().items() if k not in after}, sort_keys=True)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -231,6 +244,7 @@ class Shared:
     data: dict
     keys: dict
     expert_state: dict
+    prealigned: dict = field(default_factory=dict)  # prealign_key -> state dict after pre-alignment
 
 
 def _prepare_shared(recipe: Recipe, output_dir: Path, prepare) -> Shared:

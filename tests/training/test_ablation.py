@@ -58,8 +58,12 @@ def test_tables_report_mean_and_std_over_seeds(tmp_path):
 
 
 def test_a_micro_ablation_trains_each_distinct_run_once_per_seed_and_resumes(tmp_path, monkeypatch):
+    real_prealign = pipeline.prealign
     recipe = micro(tmp_path, seeds=[0, 1], variants=["full", "top_k=3", "no_moco"])
+    prealigned = []
+    monkeypatch.setattr(pipeline, "prealign", lambda ws: prealigned.append(ws.recipe.seed) or real_prealign(ws))
     record = ablation.ablate(recipe, "micro")
+    assert sorted(prealigned) == [0, 1]  # full and no_moco differ after pre-alignment: one per seed
     out = tmp_path / "ablations"
     assert record["runs"] == 4  # full (= top_k=3) and no_moco, two seeds each
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["full", "no_moco"]
