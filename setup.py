@@ -21,6 +21,10 @@ setup(
         "astrea.evaluation": "evaluation",
         "astrea.hub_cards": "hub_cards",
     },
+    package_data={
+        "astrea.hub_cards": ["templates/*.jinja"],
+        "astrea.training": ["recipes/*.yaml", "recipes/*/*.yaml"],
+    },
     install_requires=[
         "torch>=2.4",  # install with `-c constraints.txt`, which holds torch==2.13.0
         "transformers==5.23.0",
@@ -38,7 +42,11 @@ setup(
         "pycocoevalcap",  # BLEU and CIDEr, the COCO caption scorers
     ],
     entry_points={
-        "console_scripts": ["astrea-train=astrea.training.cli:main", "astrea-eval=astrea.evaluation.cli:main"]
+        "console_scripts": [
+            "astrea-train=astrea.training.cli:main",
+            "astrea-eval=astrea.evaluation.cli:main",
+            "astrea-hub=astrea.hub_cards.cli:main",
+        ]
     },
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],

@@ -119,6 +119,8 @@ class AstreaConfig(PreTrainedConfig):
     detection_prompt_ids (`list[int]`): token ids (in the detection expert's BERT vocabulary) of the generic
         phrase list that conditions Grounding DINO when no prompt is given; default "[CLS] object . [SEP]".
     freeze_experts (`bool`): expert backbones are frozen and run without autograd.
+    base_models (`dict[str, str]`, optional): where each part came from (`llm`, `caption`, ... -> Hub id or path),
+        as `AstreaForConditionalGeneration.from_experts` records it; model cards list them.
     use_moco, moco_embed_dim, moco_queue_size, moco_momentum, moco_temperature, moco_lambda, moco_weight:
         the momentum-contrastive loss (Eq. 5-8, 11); see the module docstring for the symbols.
     residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
@@ -159,6 +161,7 @@ class AstreaConfig(PreTrainedConfig):
     detection_feature_level: int = 1
     detection_prompt_ids: list[int] | None = None
     freeze_experts: bool = True
+    base_models: dict[str, str] | None = None
 
     use_moco: bool = True
     moco_embed_dim: int = 256

@@ -892,6 +892,12 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             segmentation_config=parts["segmentation"].config.to_dict(),
             image_token_id=image_token_id,
             tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
+            base_models={
+                name: str(path)
+                for name, path in zip(
+                    ("llm", *EXPERT_NAMES), (llm, caption, classification, detection, segmentation), strict=True
+                )
+            },
             **overrides,
         )
         with torch.device("meta"):  # no memory for the parts that are about to be replaced
