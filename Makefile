@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
 
-.PHONY: install demo ask test bench ablations ablations-quick synthetic-benchmark configs clean
+.PHONY: install demo ask app test test-browser bench ablations ablations-quick synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -25,9 +25,18 @@ demo: install
 ask: install
 	$(PY) examples/ask.py
 
+# The web demo (examples/app.py) on the `make demo` model, or a random tiny one: http://127.0.0.1:7860
+app: install
+	$(PY) examples/app.py
+
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The web demo in headless Chromium through Playwright (Debian's chromium, installed here when missing)
+test-browser: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	$(PY) -m pytest -q -m browser
 
 # Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md
 bench: install

@@ -49,7 +49,8 @@ setup(
         ]
     },
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "gradio==6.31.0", "playwright"],
+        "demo": ["gradio==6.31.0"],
         "gpu": ["flash-attn", "bitsandbytes"],
     },
 )

@@ -1,0 +1,152 @@
+"""examples/app.py (the Gradio demo): its chat logic without a browser, and (marked `browser`) the page itself in
+headless Chromium driven by Playwright."""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from astrea_testing import REPO, TINY
+from PIL import Image, ImageDraw
+from transformers import AutoProcessor
+
+from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
+
+sys.path.insert(0, str(REPO / "examples"))
+spec = importlib.util.spec_from_file_location("astrea_app", REPO / "examples" / "app.py")
+app = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(folder)
+    AutoProcessor.from_pretrained(TINY).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat(model_folder):
+    model, processor = app.load(model_folder)
+    return app.AstreaChat(model, processor, max_new_tokens=6)
+
+
+def picture() -> Image.Image:
+    image = Image.new("RGB", (64, 64), (230, 230, 230))
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+    return image
+
+
+def test_answers_stream_in_and_end_as_the_greedy_answer(chat):
+    steps = list(chat.stream(picture(), [], "What colour is the circle?"))
+    assert len(steps) >= 2  # partial answers, then the whole one
+    answer, shares = steps[-1]
+    assert all(answer.startswith(partial) for partial, _ in steps[:-1])
+    messages = chat.messages([], "What colour is the circle?")
+    prompt = chat.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = chat.processor(images=[picture()], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        output = chat.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = chat.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer == expected.strip()
+    assert list(shares) == list(EXPERT_NAMES) and sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_follow_up_questions_keep_the_image_in_the_first_turn_only(chat):
+    history = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "a circle"}]
+    messages = chat.messages(history, "What colour?")
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"][0] == {"type": "image"}
+    assert all({"type": "image"} not in m["content"] for m in messages[1:])
+    prompt = chat.processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.count(chat.processor.image_token) == 1 and "a circle" in prompt
+
+
+def test_missing_image_or_question_is_a_clear_error(chat):
+    with pytest.raises(ValueError, match="Upload an image first"):
+        next(chat.stream(None, [], "What colour?"))
+    with pytest.raises(ValueError, match="Type a question"):
+        next(chat.stream(picture(), [], "   "))
+
+
+def test_the_app_builds_with_its_components(chat):
+    import gradio as gr
+
+    blocks = app.build_app(chat, "Astrea (test)")
+    assert isinstance(blocks, gr.Blocks)
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"image", "chat", "question", "send", "router-chart"} <= ids
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.browser
+def test_the_page_in_a_real_browser_answers_and_draws_the_router_chart(model_folder, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "examples" / "app.py"), "--model", str(model_folder), "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 300  # importing gradio and torch on a busy 2-core machine takes a while
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "the app did not start in 300 s"
+                time.sleep(0.5)
+        image_file = tmp_path / "circle.png"
+        picture().save(image_file)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.goto(url)
+            page.locator("#image input[type=file]").set_input_files(str(image_file))
+            page.locator("#image img").first.wait_for(timeout=30_000)  # the upload is shown
+            page.locator("#question textarea").fill("What colour is the circle?")
+            page.locator("#send").click()
+            bot = page.locator("#chat .bot, #chat [data-testid='bot']").last
+            bot.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => { const b = [...document.querySelectorAll('#chat .bot, #chat [data-testid=\"bot\"]')];"
+                " return b.length && b[b.length - 1].innerText.trim().length > 0; }",
+                timeout=60_000,
+            )
+            answer = bot.inner_text().strip()
+            chart = page.locator("#router-chart")
+            marks = chart.locator("canvas, svg .mark-rect path, svg path")
+            marks.first.wait_for(timeout=30_000)
+            drawn = marks.count()
+            page.screenshot(path=str(os.environ.get("ASTREA_APP_SCREENSHOT", tmp_path / "app.png")))
+            browser.close()
+        assert answer, "no answer in the chat"
+        assert drawn > 0, "the router chart drew nothing"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
