@@ -24,6 +24,29 @@ from .modeling_astrea_tagger import AstreaTaggerModel
 
 logger = logging.get_logger(__name__)
 
+#: Modules kept out of weight quantization (bitsandbytes): the experts, Astrea's own fusion modules and the LM
+#: head. Only the LLM's decoder is quantized.
+NOT_QUANTIZED = (
+    "model.experts",
+    "model.projectors",
+    "model.router",
+    "model.adapters",
+    "model.residual_attention",
+    "moco",
+    "lm_head",
+)
+
+
+def keep_unquantized(quantization_config):
+    """A copy of a bitsandbytes quantization config whose skip list also names `NOT_QUANTIZED`; modules the user
+    listed stay listed. Other quantization configs are returned as they are."""
+    if not hasattr(quantization_config, "llm_int8_skip_modules"):
+        return quantization_config
+    config = copy.deepcopy(quantization_config)
+    config.llm_int8_skip_modules = list(dict.fromkeys([*(config.llm_int8_skip_modules or []), *NOT_QUANTIZED]))
+    return config
+
+
 IMAGE_TOKEN = "<image>"
 DETECTION_PROMPT = "object."  # the generic phrase list that conditions Grounding DINO by default
 
@@ -816,6 +839,15 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a bitsandbytes `quantization_config` gets `NOT_QUANTIZED` added to
+        its skip list, so that the experts, router, adapters and projectors stay in full precision even when the
+        user's own skip list would have replaced transformers' defaults."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = keep_unquantized(kwargs["quantization_config"])
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
     def from_experts(
         cls,
         llm: str | os.PathLike,
@@ -1059,6 +1091,8 @@ __all__ = [
     "EXPERT_NAMES",
     "AstreaAlignment",
     "PIXEL_INPUT_NAMES",
+    "NOT_QUANTIZED",
+    "keep_unquantized",
     "AstreaAdapter",
     "AstreaForConditionalGeneration",
     "AstreaImageFeatures",
