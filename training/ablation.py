@@ -132,31 +132,54 @@ def prealign_key(recipe: Recipe) -> str:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and sample standard deviation (rounding noise below 1e-12 reads as 0, not -0.000)."""
+    mean, std = statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return (0.0 if abs(mean) < 1e-12 else mean), std
+
+
+#: the metric compared with the full model seed by seed (same seed, same initialisation and data order)
+PAIRED = "vqa_acc"
+
+
+def paired_deltas(rows: list[dict]) -> dict[str, list[float]]:
+    """Per variant, PAIRED minus the full model's, seed by seed (empty without a `full` row)."""
+    full = next((row["values"].get(PAIRED) for row in rows if row["variant"] == "full"), None)
+    out = {}
+    for row in rows:
+        values = row["values"].get(PAIRED)
+        if full and values and len(values) == len(full) and row["variant"] != "full":
+            out[row["variant"]] = [value - base for value, base in zip(values, full, strict=True)]
+    return out
 
 
 def write_tables(output_dir: Path, rows: list[dict], seeds: list[int], note: str) -> None:
-    """`table.csv` (mean and std columns per metric) and `table.md` (mean ± std), one row per variant."""
+    """`table.csv` (mean and std columns per metric) and `table.md` (mean ± std), one row per variant, and the
+    paired difference in PAIRED from the full model."""
     names = [column for column, _, _ in COLUMNS]
+    deltas = paired_deltas(rows)
     with open(output_dir / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["table", "variant", "seeds", *[f"{n}_{s}" for n in names for s in ("mean", "std")]])
+        header = [f"{n}_{s}" for n in [*names, f"{PAIRED}_delta"] for s in ("mean", "std")]
+        writer.writerow(["table", "variant", "seeds", *header])
         for row in rows:
             cells = []
-            for name in names:
-                mean, std = mean_std(row["values"][name]) if row["values"].get(name) else (float("nan"),) * 2
+            for values in [*(row["values"].get(name) for name in names), deltas.get(row["variant"])]:
+                mean, std = mean_std(values) if values else (float("nan"),) * 2
                 cells += [f"{mean:.4f}", f"{std:.4f}"]
             writer.writerow([row["table"], row["variant"], len(row["values"][names[0]]), *cells])
-    lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds. {note}", ""]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds; Δ{PAIRED}: the variant minus the full model, "
+        f"seed by seed (same seed, same initialisation and data order), mean ± std. {note}",
+        "",
+    ]
     current = None
     for row in rows:
         if row["table"] != current:
             current = row["table"]
-            lines += ["", f"**{current}**", "", "| variant | " + " | ".join(names) + " |"]
-            lines.append("| --- " * (len(names) + 1) + "|")
+            lines += ["", f"**{current}**", "", "| variant | " + " | ".join([*names, f"Δ{PAIRED}"]) + " |"]
+            lines.append("| --- " * (len(names) + 2) + "|")
         cells = []
-        for name in names:
-            values = row["values"].get(name)
+        for name, values in [*((n, row["values"].get(n)) for n in names), (PAIRED, deltas.get(row["variant"]))]:
             if not values:
                 cells.append("-")
                 continue
@@ -227,13 +250,22 @@ def ablate(recipe: Recipe, source: str = "recipe") -> dict:
         values = {column: [r[column] for r in per_seed if column in r] for column, _, _ in COLUMNS}
         rows.append({"table": variant.table, "variant": variant.name, "values": values, "runs": stored})
     minutes = round((time.perf_counter() - start) / 60, 1)
+    run_minutes = round(sum(result["seconds"] for result in results.values()) / 60, 1)
     shared_runs = sorted({f"{row['variant']} = {row['runs']}" for row in rows if row["runs"] != row["variant"]})
-    note = f"Recipe {source}; {len(runs)} distinct runs x {len(seeds)} seeds in {minutes} min on {machine()}." + (
-        f" Rows that are the same run: {'; '.join(shared_runs)}." if shared_runs else ""
-    )
+    note = (
+        f"Recipe {source}; {len(runs)} distinct runs x {len(seeds)} seeds, {run_minutes} min of training and "
+        f"evaluation in all (the shared set-up not counted); this invocation took {minutes} min on {machine()}."
+    ) + (f" Rows that are the same run: {'; '.join(shared_runs)}." if shared_runs else "")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_tables(output_dir, rows, seeds, note)
-    record = {"seeds": seeds, "minutes": minutes, "machine": machine(), "rows": rows, "runs": len(runs) * len(seeds)}
+    record = {
+        "seeds": seeds,
+        "minutes": minutes,
+        "run_minutes": run_minutes,
+        "machine": machine(),
+        "rows": rows,
+        "runs": len(runs) * len(seeds),
+    }
     (output_dir / "ablations.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -255,4 +287,4 @@ def _prepare_shared(recipe: Recipe, output_dir: Path, prepare) -> Shared:
     return Shared(ws.cache, ws.data, ws.keys, state)
 
 
-__all__ = ["COLUMNS", "Variant", "ablate", "variants"]
+__all__ = ["COLUMNS", "PAIRED", "Variant", "ablate", "paired_deltas", "variants"]

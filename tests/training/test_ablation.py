@@ -42,16 +42,21 @@ def test_variants_follow_the_papers_tables_and_equal_settings_share_a_run(tmp_pa
     assert reverse["stage_steps"] == [1, 1, 1, 2]  # each expert keeps its own steps
 
 
-def test_tables_report_mean_and_std_over_seeds(tmp_path):
+def test_tables_report_mean_and_std_over_seeds_and_paired_differences(tmp_path):
     values = {column: [] for column, _, _ in ablation.COLUMNS}
-    values["vqa_acc"] = [0.5, 0.7]
-    rows = [{"table": "Table 4", "variant": "no_moco", "values": values, "runs": "no_moco"}]
+    rows = [
+        {"table": "Table 4", "variant": "full", "values": {**values, "vqa_acc": [0.4, 0.8]}, "runs": "full"},
+        {"table": "Table 4", "variant": "no_moco", "values": {**values, "vqa_acc": [0.5, 0.7]}, "runs": "no_moco"},
+    ]
     ablation.write_tables(tmp_path, rows, [0, 1], "note")
     table = (tmp_path / "table.md").read_text()
-    assert "| no_moco | 0.600 ± 0.141 | - |" in table and "**Table 4**" in table
+    # mean 0.6, sample std 0.141; seed by seed against the full model: +0.1 and -0.1
+    assert "| no_moco | 0.600 ± 0.141 | - | - | - | - | - | - | 0.000 ± 0.141 |" in table
+    assert "| full | 0.600 ± 0.283 |" in table and table.rstrip().endswith("|") and "**Table 4**" in table
     with open(tmp_path / "table.csv") as handle:
-        line = next(csv.DictReader(handle))
+        line = list(csv.DictReader(handle))[1]
     assert line["variant"] == "no_moco" and line["seeds"] == "2"
+    assert float(line["vqa_acc_delta_mean"]) == pytest.approx(0.0, abs=1e-9)
     assert float(line["vqa_acc_mean"]) == pytest.approx(0.6) and float(line["vqa_acc_std"]) == pytest.approx(
         0.1414, 1e-3
     )
