@@ -83,7 +83,7 @@ def load_benchmark(path: str | Path, split: str = "test") -> list[dict]:
         raise ValueError(f"Benchmark {path} has no rows.")
     seen = {}
     for row, place in zip(rows, where, strict=True):
-        check_row(row, place)
+        check_row(row, place, from_file=path.is_file())
         if row["id"] in seen:
             raise ValueError(f"{place}: id {row['id']!r} repeats {seen[row['id']]}.")
         seen[row["id"]] = place
@@ -94,7 +94,7 @@ def _strings(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
-def check_row(row: dict, place: str) -> None:
+def check_row(row: dict, place: str, from_file: bool = False) -> None:
     def fail(message: str):
         raise ValueError(f"{place}: {message}")
 
@@ -107,6 +107,8 @@ def check_row(row: dict, place: str) -> None:
     image = row.get("image")
     if image is None:
         fail("`image` is missing.")
+    if from_file and not isinstance(image, str):
+        fail(f"`image` must be a file path (relative to the JSONL file), got {type(image).__name__}.")
     if isinstance(image, str) and not Path(image).is_file():
         fail(f"image file {image} does not exist.")
     if task != "retrieval" and not (isinstance(row.get("question"), str) and row["question"].strip()):
@@ -149,7 +151,13 @@ class PixelInputs:
         self.processor = processor
 
     def _images(self, rows):
-        return [load_rgb_image(row["image"], index) for index, row in enumerate(rows)]
+        images = []
+        for row in rows:
+            try:
+                images.append(load_rgb_image(row["image"]))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"row {row['id']!r}: {error}") from None
+        return images
 
     def generation(self, rows: list[dict], prompts: list[str]) -> dict:
         texts = [
@@ -223,30 +231,36 @@ def predict(
 @torch.no_grad()
 def retrieval_similarity(
     model, processor, rows: list[dict], batch_size: int = 16, inputs=None, progress: bool = True
-) -> tuple[torch.Tensor, list[int]]:
-    """Cosine similarity of every retrieval row's image to every caption ([images, texts], with the model's
-    `get_image_embeddings` / `get_text_embeddings`), and the image index of each caption."""
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Cosine similarity of every retrieval row's image to every distinct caption ([images, texts], with the
+    model's `get_image_embeddings` / `get_text_embeddings`), and the images each caption belongs to (a caption that
+    two images share is one text, right for both). Captions are embedded as MoCo saw its targets in training:
+    " caption" followed by the tokenizer's EOS."""
     inputs = inputs or PixelInputs(processor)
     device = next(model.parameters()).device
     chosen = [row for row in rows if row["task"] == "retrieval"]
-    images, texts, owner = [], [], []
+    images = []
     with _progress(len(chosen), "embedding", progress) as bar:
         for start in range(0, len(chosen), batch_size):
             chunk = chosen[start : start + batch_size]
             images.append(model.get_image_embeddings(**_to(inputs.images(chunk), device)).float().cpu())
             bar.update(len(chunk))
+    owners: dict[str, list[int]] = {}
     for index, row in enumerate(chosen):
-        texts.extend(row["answers"])
-        owner.extend([index] * len(row["answers"]))
+        for text in dict.fromkeys(row["answers"]):
+            owners.setdefault(text, []).append(index)
+    texts = list(owners)
+    eos = processor.tokenizer.eos_token or ""
     text_embeds = []
     for start in range(0, len(texts), batch_size):
-        tokens = processor.tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt")
+        rendered = [f" {text}{eos}" for text in texts[start : start + batch_size]]
+        tokens = processor.tokenizer(rendered, padding=True, return_tensors="pt", add_special_tokens=False)
         text_embeds.append(
             model.get_text_embeddings(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
             .float()
             .cpu()
         )
-    return torch.cat(images) @ torch.cat(text_embeds).t(), owner
+    return torch.cat(images) @ torch.cat(text_embeds).t(), list(owners.values())
 
 
 # --- scoring -----------------------------------------------------------------------------------------------
@@ -266,9 +280,17 @@ def row_score(row: dict, prediction: str) -> float | None:
     if task == "anls":
         return metrics.anls(prediction, row["answers"])
     if task == "grounding":
-        boxes = metrics.parse_boxes(prediction)
-        return metrics.box_iou(boxes[0], row["box"]) if boxes else 0.0
+        return float(grounding_iou(row, prediction) > GROUNDING_IOU)
     return None
+
+
+GROUNDING_IOU = 0.5
+
+
+def grounding_iou(row: dict, prediction: str) -> float:
+    """IoU of the first box written in the answer with the row's box (0 without a box)."""
+    boxes = metrics.parse_boxes(prediction)
+    return metrics.box_iou(boxes[0], row["box"]) if boxes else 0.0
 
 
 def image_identity(row: dict) -> str:
@@ -358,6 +380,8 @@ def evaluate(
         if row["id"] in predictions:
             record["prediction"] = predictions[row["id"]]
             record["score"] = row_score(row, predictions[row["id"]])
+            if row["task"] == "grounding":
+                record["iou"] = grounding_iou(row, predictions[row["id"]])
         records.append(record)
     return records, summary
 

@@ -202,24 +202,31 @@ def grounding_accuracy(predictions: Sequence[str], targets: Sequence[Sequence[fl
 # --- retrieval ---------------------------------------------------------------------------------------------
 
 
-def retrieval_recall(similarity: torch.Tensor, text_to_image: Sequence[int], ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@k both ways from a [num_images, num_texts] similarity matrix; `text_to_image[t]` is text t's image.
+def retrieval_recall(similarity: torch.Tensor, text_to_image: Sequence, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways from a [num_images, num_texts] similarity matrix. `text_to_image[t]` is text t's image,
+    or a list of images when one text belongs to several (two images with the same caption).
 
-    Image to text: an image counts when any of its texts ranks in its top k. Text to image: a text counts when its
-    image ranks in its top k."""
-    owner = torch.as_tensor(text_to_image, device=similarity.device)
+    Image to text: an image counts when any of its texts ranks in its top k. Text to image: a text counts when one
+    of its images ranks in its top k."""
     num_images, num_texts = similarity.shape
-    if owner.shape != (num_texts,) or int(owner.max()) >= num_images or int(owner.min()) < 0:
-        raise ValueError(f"text_to_image must give an image index in [0, {num_images}) for each of {num_texts} texts.")
-    correct = owner[None, :] == torch.arange(num_images, device=similarity.device)[:, None]  # [I, T]
+    owners = [[o] if isinstance(o, int) else list(o) for o in text_to_image]
+    if len(owners) != num_texts or not all(owners) or any(not 0 <= o < num_images for os_ in owners for o in os_):
+        raise ValueError(
+            f"text_to_image must give one or more image indices in [0, {num_images}) for each of {num_texts} texts."
+        )
+    correct = torch.zeros(num_images, num_texts, dtype=torch.bool, device=similarity.device)  # [I, T]
+    for text, images in enumerate(owners):
+        correct[images, text] = True
+    if not correct.any(dim=1).all():
+        raise ValueError("every image needs at least one text in text_to_image.")
     text_order = similarity.argsort(dim=1, descending=True)  # texts per image, best first
-    first_hit = correct.gather(1, text_order).float().argmax(dim=1)  # rank of the first correct text
-    image_order = similarity.t().argsort(dim=1, descending=True)  # images per text
-    image_rank = (image_order == owner[:, None]).float().argmax(dim=1)
+    first_text = correct.gather(1, text_order).float().argmax(dim=1)  # rank of the first correct text
+    image_order = similarity.t().argsort(dim=1, descending=True)  # images per text, best first
+    first_image = correct.t().gather(1, image_order).float().argmax(dim=1)  # rank of the first correct image
     out = {}
     for k in ks:
-        out[f"i2t_r@{k}"] = float((first_hit < k).float().mean())
-        out[f"t2i_r@{k}"] = float((image_rank < k).float().mean())
+        out[f"i2t_r@{k}"] = float((first_text < k).float().mean())
+        out[f"t2i_r@{k}"] = float((first_image < k).float().mean())
     return out
 
 

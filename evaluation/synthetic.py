@@ -117,10 +117,15 @@ def write_synthetic_benchmark(
 
         if not Path(from_dataset).exists():
             raise ValueError(f"--from-dataset {from_dataset} does not exist.")
+        from datasets import DatasetDict
+
         dataset = load_from_disk(str(from_dataset))
-        if "test" not in dataset:
-            raise ValueError(f"--from-dataset {from_dataset} has no 'test' split.")
+        if not isinstance(dataset, DatasetDict) or "test" not in dataset:
+            raise ValueError(f"--from-dataset {from_dataset} must be a DatasetDict folder with a 'test' split.")
         test = dataset["test"]
+        missing = [c for c in ("image", "caption", "labels", "boxes", "questions") if c not in test.column_names]
+        if missing:
+            raise ValueError(f"--from-dataset {from_dataset}: the test split lacks the columns {missing}.")
     else:
         if num_images < 1:
             raise ValueError(f"--num-images must be at least 1, got {num_images}.")

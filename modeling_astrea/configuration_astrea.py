@@ -119,6 +119,8 @@ class AstreaConfig(PreTrainedConfig):
     detection_prompt_ids (`list[int]`): token ids (in the detection expert's BERT vocabulary) of the generic
         phrase list that conditions Grounding DINO when no prompt is given; default "[CLS] object . [SEP]".
     freeze_experts (`bool`): expert backbones are frozen and run without autograd.
+    residual_experts (`list[str]`, optional): the experts that get a random residual attention for pre-alignment:
+        every stage but the first of the pre-alignment order (default: all but `caption`, the paper's order).
     base_models (`dict[str, str]`, optional): where each part came from (`llm`, `caption`, ... -> Hub id or path),
         as `AstreaForConditionalGeneration.from_experts` records it; model cards list them.
     use_moco, moco_embed_dim, moco_queue_size, moco_momentum, moco_temperature, moco_lambda, moco_weight:
@@ -162,6 +164,7 @@ class AstreaConfig(PreTrainedConfig):
     detection_prompt_ids: list[int] | None = None
     freeze_experts: bool = True
     base_models: dict[str, str] | None = None
+    residual_experts: list[str] | None = None
 
     use_moco: bool = True
     moco_embed_dim: int = 256
@@ -180,6 +183,11 @@ class AstreaConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.detection_prompt_ids is None:
             self.detection_prompt_ids = [101, 4874, 1012, 102]  # bert-base-uncased: [CLS] object . [SEP]
+        if self.residual_experts is None:
+            self.residual_experts = list(EXPERT_NAMES[1:])
+        unknown = [name for name in self.residual_experts if name not in EXPERT_NAMES]
+        if unknown:
+            raise ValueError(f"AstreaConfig: residual_experts holds {unknown[0]!r}; experts are {EXPERT_NAMES}.")
         super().__post_init__(**kwargs)
         self.check_sizes()
 

@@ -482,7 +482,7 @@ class AstreaModel(AstreaPreTrainedModel):
         self.residual_attention = nn.ModuleDict(
             {
                 name: AstreaResidualAttention(hidden, config.residual_gamma, config.residual_prob)
-                for name in EXPERT_NAMES[1:]
+                for name in config.residual_experts
             }
         )
         self.language_model = AutoModel.from_config(config.text_config)

@@ -15,6 +15,7 @@ only in instruction tuning (top-k, MoCo) share each seed's pre-alignment instead
 """
 
 import csv
+import hashlib
 import json
 import statistics
 import time
@@ -74,8 +75,6 @@ COLUMNS = (
     ("shape_acc", "vqa", "categories/shape/vqa_accuracy"),
     ("cider", "caption", "cider"),
     ("grounding_acc", "grounding", "accuracy"),
-    ("i2t_r@1", "retrieval", "i2t_r@1"),
-    ("t2i_r@1", "retrieval", "t2i_r@1"),
 )
 BENCHMARK_SPLITS = ("vqa", "caption", "grounding", "retrieval")
 
@@ -142,12 +141,16 @@ PAIRED = "vqa_acc"
 
 
 def paired_deltas(rows: list[dict]) -> dict[str, list[float]]:
-    """Per variant, PAIRED minus the full model's, seed by seed (empty without a `full` row)."""
-    full = next((row["values"].get(PAIRED) for row in rows if row["variant"] == "full"), None)
+    """Per variant, PAIRED minus the full model's, seed by seed (empty without a `full` row; none for the rows that
+    are the full model's own run)."""
+    full_row = next((row for row in rows if row["variant"] == "full"), None)
+    if full_row is None:
+        return {}
+    full = full_row["values"].get(PAIRED)
     out = {}
     for row in rows:
         values = row["values"].get(PAIRED)
-        if full and values and len(values) == len(full) and row["variant"] != "full":
+        if full and values and len(values) == len(full) and row["runs"] != full_row["runs"]:
             out[row["variant"]] = [value - base for value, base in zip(values, full, strict=True)]
     return out
 
@@ -214,17 +217,25 @@ def ablate(recipe: Recipe, source: str = "recipe") -> dict:
             raise ValueError(f"unknown variant {unknown[0]!r}; variants are {', '.join(v.name for v in chosen)}.")
         chosen = [v for v in chosen if v.name in only]
     base = recipe.to_dict()
-    runs: dict[str, str] = {}  # settings -> the variant name its results are stored under
-    for variant in sorted(chosen, key=lambda v: v.name != "full"):  # a shared run is stored as "full"
-        runs.setdefault(run_settings(base, variant), variant.name)
+    canonical: dict[str, str] = {}  # settings -> the variant name its results are stored under, whatever is chosen
+    for variant in sorted(variants(recipe), key=lambda v: v.name != "full"):  # a shared run is stored as "full"
+        canonical.setdefault(run_settings(base, variant), variant.name)
+    runs = {run_settings(base, v): canonical[run_settings(base, v)] for v in chosen}
     start = time.perf_counter()
     shared = None
     results: dict[tuple[str, int], dict] = {}
     for settings, stored in runs.items():
         for seed in seeds:
             path = output_dir / "runs" / stored / f"seed-{seed}.json"
+            digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
             if path.exists():
-                results[(stored, seed)] = json.loads(path.read_text())
+                result = json.loads(path.read_text())
+                if result.get("settings") != digest:
+                    raise ValueError(
+                        f"{path} holds a run made with other settings than this recipe's {stored} run; delete it "
+                        f"(or {output_dir / 'runs'}) to train it again."
+                    )
+                results[(stored, seed)] = result
                 continue
             if shared is None:
                 shared = _prepare_shared(recipe, output_dir, prepare)
@@ -239,7 +250,8 @@ def ablate(recipe: Recipe, source: str = "recipe") -> dict:
             )
             run_recipe.cache_dir = recipe.cache_dir
             logger.warning(f"ablation run {stored}, seed {seed}")
-            result = {"variant": stored, "seed": seed, **train_and_evaluate(shared, run_recipe, benchmark)}
+            result = {"variant": stored, "seed": seed, "settings": digest}
+            result.update(train_and_evaluate(shared, run_recipe, benchmark))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
             results[(stored, seed)] = result

@@ -45,6 +45,8 @@ def build_model(recipe: Recipe):
     else:
         config = AstreaConfig.from_pretrained(spec.config)
         overrides = {**spec.overrides, "text_config": {**spec.overrides.get("text_config", {}), **spec.text_overrides}}
+        if not recipe.prealign.joint:  # a residual attention for every stage after the first, in this order
+            overrides.setdefault("residual_experts", list(recipe.prealign.order[1:]))
         config = AstreaConfig.from_dict(deep_merge(config.to_dict(), overrides))
         torch.manual_seed(recipe.seed)
         model = AstreaForConditionalGeneration(config)
@@ -282,6 +284,11 @@ def prealign(ws: Workspace) -> list[dict]:
         model.model.alignment = AstreaAlignment(tuple(experts), residual=spec.residual, joint=spec.joint)
         trainable = [model.model.projectors[name] for name in (experts if spec.joint else [current])]
         if spec.residual and not spec.joint and len(experts) > 1:
+            if current not in model.model.residual_attention:
+                raise ValueError(
+                    f"prealign.order puts {current!r} after the first stage, but the model has residual attention "
+                    f"for {list(model.model.residual_attention)} only (config.residual_experts)."
+                )
             trainable.append(model.model.residual_attention[current])
         set_trainable(model, trainable, spec.train_language_model)
         examples = prealign_examples(ws.data["train"], ws.keys["train"], experts, recipe.data.image_size)
@@ -314,6 +321,7 @@ def instruct(ws: Workspace) -> dict:
     """Instruction tuning (Sec. 3.2): router, adapters, MoCo head and the LLM (full or LoRA) on the questions."""
     spec = ws.recipe.instruct
     model = ws.model
+    torch.manual_seed(ws.recipe.seed)  # LoRA's initialisation must not depend on what ran before in this process
     model.model.alignment = None
     model.config.router_top_k = spec.router_top_k
     model.config.use_moco = spec.use_moco

@@ -136,6 +136,10 @@ class Recipe:
                 f"Recipe: instruct.tasks {self.instruct.tasks} must be a non-empty list of {INSTRUCTION_TASKS}."
             )
         seeds = self.ablation.seeds
+        if not isinstance(self.ablation.variants, list) or not all(isinstance(v, str) for v in self.ablation.variants):
+            raise ValueError(f"Recipe: ablation.variants must be a list of names, got {self.ablation.variants!r}.")
+        if not isinstance(seeds, list):
+            raise ValueError(f"Recipe: ablation.seeds must be a list of integers, got {seeds!r}.")
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"Recipe: ablation.seeds must be distinct integers, at least one; got {seeds}.")
         if not 1 <= self.instruct.router_top_k <= len(EXPERT_NAMES):

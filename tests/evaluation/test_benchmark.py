@@ -111,7 +111,7 @@ def test_scores_by_task_and_category_match_hand_computed_values(image_dir):
     }
     # texts "red", "crimson" (image 0), "blue" (image 1); "red" is closer to image 1, so 2 of 3 texts find theirs
     similarity = torch.tensor([[0.1, 0.9, 0.0], [0.3, 0.2, 0.8]])
-    summary = benchmark.score(rows, predictions, (similarity, [0, 0, 1]))
+    summary = benchmark.score(rows, predictions, (similarity, [[0], [0], [1]]))
     # VQA soft accuracy of "2" against three matching humans out of ten: 0.9 (leave-one-out average)
     assert summary["vqa"]["vqa_accuracy"] == pytest.approx((0.9 + 1.0) / 2)
     assert summary["vqa"]["categories"]["count"]["vqa_accuracy"] == pytest.approx(0.9)
@@ -119,7 +119,8 @@ def test_scores_by_task_and_category_match_hand_computed_values(image_dir):
     assert summary["yes_no"] == {"count": 4, "acc": 0.75, "acc_plus": 0.5}  # image i2 has one wrong
     assert summary["grounding"]["accuracy"] == 0.5
     assert summary["retrieval"]["i2t_r@1"] == 1.0 and summary["retrieval"]["t2i_r@1"] == pytest.approx(2 / 3)
-    assert benchmark.row_score(rows[8], predictions["g1"]) == pytest.approx(0.9)
+    assert benchmark.row_score(rows[8], predictions["g1"]) == 1.0  # a hit (IoU 0.9 > 0.5), as the accuracy counts
+    assert benchmark.grounding_iou(rows[8], predictions["g1"]) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="no prediction for 1 vqa rows"):
         benchmark.score(rows[:2], {"v1": "2"})
 
@@ -168,7 +169,54 @@ def test_astrea_eval_writes_a_prediction_per_row_and_a_summary(tmp_path, model_f
     assert all(("prediction" in r) == (r["task"] != "retrieval") for r in records)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["tasks"]) == set(SPLITS) and summary["count"] == len(rows)
-    assert summary["tasks"]["retrieval"]["i2t_r@10"] == 1.0  # 3 images: every caption is in the top 10
+    assert summary["tasks"]["retrieval"]["count"] == 3
+    assert all(0 <= summary["tasks"]["retrieval"][key] <= 1 for key in ("i2t_r@1", "t2i_r@1"))
+    grounding = [r for r in records if r["task"] == "grounding"]
+    assert grounding and all(r["score"] == float(r["iou"] > 0.5) for r in grounding)
+
+
+class EmbeddingStub:
+    """Stands in for a model: image embeddings one-hot per image, text embeddings from the text's first token."""
+
+    def __init__(self):
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def get_image_embeddings(self, index):
+        return torch.nn.functional.one_hot(index, 8).float()
+
+    def get_text_embeddings(self, input_ids, attention_mask):
+        return torch.nn.functional.one_hot(input_ids[:, 0] % 8, 8).float()
+
+
+class IndexInputs:
+    def images(self, rows):
+        return {"index": torch.tensor([int(row["id"]) for row in rows])}
+
+
+def test_retrieval_similarity_is_images_by_distinct_texts_with_shared_captions_owned_by_both():
+    class Tokenizer:
+        eos_token = "</s>"
+
+        def __call__(self, texts, **kwargs):
+            ids = torch.tensor([[{" red</s>": 0, " blue</s>": 1, " green</s>": 2}[t]] for t in texts])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    class Processor:
+        tokenizer = Tokenizer()
+
+    rows = [
+        {"id": "0", "task": "retrieval", "answers": ["red", "blue"]},
+        {"id": "1", "task": "retrieval", "answers": ["red"]},  # the same caption as image 0's first
+        {"id": "2", "task": "retrieval", "answers": ["green"]},
+    ]
+    similarity, owners = benchmark.retrieval_similarity(
+        EmbeddingStub(), Processor(), rows, batch_size=2, inputs=IndexInputs(), progress=False
+    )
+    assert similarity.shape == (3, 3) and owners == [[0, 1], [0], [2]]  # texts: red, blue, green
+    assert similarity[0, 0] == 1 and similarity[1, 1] == 1 and similarity[2, 2] == 1
 
 
 def test_astrea_eval_rejects_bad_arguments_with_one_line(tmp_path, model_folder, capsys):

@@ -130,3 +130,14 @@ def test_retrieval_recall_both_ways():
     assert not math.isnan(recall["t2i_r@2"])
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_recall(similarity, [0, 1, 5, 0])
+    with pytest.raises(ValueError, match="every image needs at least one text"):
+        retrieval_recall(similarity, [0, 0, 1, 1])
+
+
+def test_a_text_that_several_images_share_is_right_for_each_of_them():
+    # images 0 and 1 share caption text 0; image 2 owns text 1. Image 1 ranks text 0 first: a hit, not a miss.
+    similarity = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    recall = retrieval_recall(similarity, [[0, 1], 2], ks=(1,))
+    assert recall == {"i2t_r@1": 1.0, "t2i_r@1": 1.0}
+    with pytest.raises(ValueError, match="every image needs at least one text"):
+        retrieval_recall(similarity, [0, 2], ks=(1,))

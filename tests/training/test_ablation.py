@@ -93,6 +93,21 @@ def test_a_micro_ablation_trains_each_distinct_run_once_per_seed_and_resumes(tmp
     assert ablation.ablate(recipe, "micro")["runs"] == 4
 
 
+def test_other_stage_orders_pre_align_with_their_own_residual_attention(tmp_path):
+    record = ablation.ablate(micro(tmp_path, seeds=[0], variants=["order=reverse", "order=joint"]), "micro")
+    assert record["runs"] == 2
+    used = json.loads((tmp_path / "ablations" / "runs" / "order=reverse" / "seed-0" / "recipe.json").read_text())
+    assert used["prealign"]["order"][-1] == "caption" and not used["prealign"]["joint"]
+
+
+def test_a_stored_run_from_other_settings_is_refused_not_mixed_in(tmp_path):
+    recipe = micro(tmp_path, seeds=[0], variants=["no_moco"])
+    ablation.ablate(recipe, "micro")
+    changed = Recipe.from_dict({**recipe.to_dict(), "instruct": {**recipe.to_dict()["instruct"], "steps": 3}})
+    with pytest.raises(ValueError, match="made with other settings"):
+        ablation.ablate(changed, "micro")
+
+
 def test_an_unknown_variant_or_bad_seeds_stop_before_any_work(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'out'}\nablation: {{variants: [top_k=9]}}\n")
