@@ -10,6 +10,18 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "tiny"
 
 
+def save_random_tiny(folder: Path, seed: int = 0) -> Path:
+    """A seeded random tiny Astrea and the shipped processor, saved to `folder` (returned)."""
+    from transformers import AutoProcessor
+
+    from modeling_astrea import AstreaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(folder)
+    AutoProcessor.from_pretrained(TINY).save_pretrained(folder)
+    return folder
+
+
 def expert_image_sizes(config: AstreaConfig) -> dict[str, int]:
     """Input side of each expert, keyed by its pixel input name."""
     return {

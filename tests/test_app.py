@@ -11,11 +11,10 @@ import urllib.request
 
 import pytest
 import torch
-from astrea_testing import REPO, TINY
+from astrea_testing import REPO, save_random_tiny
 from PIL import Image, ImageDraw
-from transformers import AutoProcessor
 
-from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
+from modeling_astrea import EXPERT_NAMES
 
 sys.path.insert(0, str(REPO / "examples"))
 spec = importlib.util.spec_from_file_location("astrea_app", REPO / "examples" / "app.py")
@@ -26,9 +25,7 @@ spec.loader.exec_module(app)
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(folder)
-    AutoProcessor.from_pretrained(TINY).save_pretrained(folder)
+    save_random_tiny(folder)
     return folder
 
 

@@ -9,10 +9,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import yaml
-from astrea_testing import BLOCK_PACKAGE, TINY
-from transformers import AutoProcessor
+from astrea_testing import BLOCK_PACKAGE, TINY, save_random_tiny
 
 from astrea.hub_cards import export
 from astrea.hub_cards.cli import main as astrea_hub
@@ -42,9 +40,7 @@ socket.create_connection = _refuse
 def run_dir(tmp_path_factory):
     """A training run's folder: model/, metrics.json, recipe.json, router.png."""
     folder = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(folder / "model")
-    AutoProcessor.from_pretrained(TINY).save_pretrained(folder / "model")
+    save_random_tiny(folder / "model")
     (folder / "metrics.json").write_text(json.dumps(METRICS))
     (folder / "recipe.json").write_text(json.dumps(Recipe().to_dict()))
     (folder / "router.png").write_bytes(b"\x89PNG\r\n\x1a\n")

@@ -7,19 +7,14 @@ import textwrap
 
 import PIL.Image
 import pytest
-import torch
-from astrea_testing import BLOCK_PACKAGE, TINY
-from transformers import AutoProcessor, pipeline
-
-from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
+from astrea_testing import BLOCK_PACKAGE, save_random_tiny
+from transformers import pipeline
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("astrea-tiny")
-    torch.manual_seed(0)
-    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(path)
-    AutoProcessor.from_pretrained(TINY).save_pretrained(path)
+    save_random_tiny(path)
     return path
 
 

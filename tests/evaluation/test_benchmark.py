@@ -4,15 +4,13 @@ import json
 
 import pytest
 import torch
-from astrea_testing import TINY
+from astrea_testing import save_random_tiny
 from PIL import Image
-from transformers import AutoProcessor
 
 from astrea.evaluation import benchmark
 from astrea.evaluation.cli import main as astrea_eval
 from astrea.evaluation.synthetic import SPLITS, synthetic_rows, write_synthetic_benchmark
 from astrea.training.data import build_dataset
-from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
 
 
 def write_jsonl(path, rows):
@@ -149,9 +147,7 @@ def test_the_synthetic_converter_writes_every_split_from_the_data_sets_labels(tm
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    AstreaForConditionalGeneration(AstreaConfig.from_pretrained(TINY)).save_pretrained(path)
-    AutoProcessor.from_pretrained(TINY).save_pretrained(path)
+    save_random_tiny(path)
     return path
 
 
