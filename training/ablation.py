@@ -222,12 +222,11 @@ def ablate(recipe: Recipe, source: str = "recipe") -> dict:
         canonical.setdefault(run_settings(base, variant), variant.name)
     runs = {run_settings(base, v): canonical[run_settings(base, v)] for v in chosen}
     start = time.perf_counter()
-    shared = None
     results: dict[tuple[str, int], dict] = {}
-    for settings, stored in runs.items():
+    for settings, stored in runs.items():  # finished runs first, all checked before any training starts
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
         for seed in seeds:
             path = output_dir / "runs" / stored / f"seed-{seed}.json"
-            digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
             if path.exists():
                 result = json.loads(path.read_text())
                 if result.get("settings") != digest:
@@ -236,6 +235,12 @@ def ablate(recipe: Recipe, source: str = "recipe") -> dict:
                         f"(or {output_dir / 'runs'}) to train it again."
                     )
                 results[(stored, seed)] = result
+    shared = None
+    for settings, stored in runs.items():
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        for seed in seeds:
+            path = output_dir / "runs" / stored / f"seed-{seed}.json"
+            if (stored, seed) in results:
                 continue
             if shared is None:
                 shared = _prepare_shared(recipe, output_dir, prepare)
