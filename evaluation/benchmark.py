@@ -40,6 +40,7 @@ TASKS = {
     "grounding": "accuracy at IoU > 0.5 of the first box in the answer",
     "retrieval": "recall@1/5/10 image->text and text->image, from the MoCo embeddings",
 }
+GROUNDING_IOU = 0.5  # a grounding answer is right above this IoU with the target box
 MAX_NEW_TOKENS = {"caption": 64, "grounding": 32}  # other tasks: SHORT_ANSWER_TOKENS
 SHORT_ANSWER_TOKENS = 16
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -284,9 +285,6 @@ def row_score(row: dict, prediction: str) -> float | None:
     return None
 
 
-GROUNDING_IOU = 0.5
-
-
 def grounding_iou(row: dict, prediction: str) -> float:
     """IoU of the first box written in the answer with the row's box (0 without a box)."""
     boxes = metrics.parse_boxes(prediction)
@@ -397,21 +395,11 @@ def write_results(output_dir: str | Path, records: list[dict], summary: dict) ->
     return output_dir
 
 
-def headline(summary: dict) -> dict[str, float]:
-    """One number per task (its first metric), e.g. for a table row."""
-    out = {}
-    for task, entry in summary["tasks"].items():
-        name = next(key for key in entry if key not in ("count", "categories"))
-        out[f"{task}/{name}"] = entry[name]
-    return out
-
-
 __all__ = [
     "TASKS",
     "PixelInputs",
     "check_row",
     "evaluate",
-    "headline",
     "load_benchmark",
     "predict",
     "prompt_text",
