@@ -39,14 +39,23 @@ def swin_output_width(swin_config) -> int:
 @strict
 class AstreaTaggerConfig(PreTrainedConfig):
     r"""
-    A RAM++-style image tagger: a Swin image encoder (transformers' `SwinModel`), an image projection, and a tag
-    decoder in which one learned query per tag cross-attends to the projected image tokens.
+    The RAM++ image tagger (recognize-anything's `ram_plus_swin_large_14m`): a Swin image encoder (transformers'
+    `SwinModel`), an image projection, per-tag text embeddings (several descriptions per tag, reweighted per image
+    by their similarity to the image's global embedding), and a tag decoder in which each tag's query cross-attends
+    to the projected image tokens (two BERT-style layers without self-attention, as in Query2Label), ending in one
+    logit per tag.
 
     vision_config (`SwinConfig`): the image encoder; defaults to Swin-L at 384x384 (RAM++'s backbone).
     vision_width (`int`): width of the encoder's last stage; must equal the Swin config's (1536 for Swin-L).
     num_tags (`int`): number of tags (4,585 in the released RAM++).
-    tag_hidden_size, tag_num_layers, tag_num_heads, tag_intermediate_size: size of the tag decoder.
-    tag_threshold (`float`): default probability above which a tag is predicted.
+    descriptions_per_tag (`int`): text embeddings per tag (51 in the released RAM++: LLM-written descriptions).
+    tag_embedding_size (`int`): width of the tag embeddings and of the projected image tokens (512, CLIP's text
+        width).
+    tag_hidden_size, tag_num_layers, tag_num_heads, tag_intermediate_size: size of the tag decoder (768, 2, 4, 3072).
+    tag_dropout (`float`): dropout in the tag decoder (0.1 in RAM++; off in eval mode).
+    tag_threshold (`float`): probability above which a tag is predicted, for tags without their own threshold.
+    tag_thresholds (`list[float]`, *optional*): one threshold per tag (RAM++ ships calibrated ones).
+    tag_names (`list[str]`, *optional*): the name of each tag, in logit order.
     """
 
     model_type = "astrea_tagger"
@@ -68,11 +77,16 @@ class AstreaTaggerConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     vision_width: int = 1536
     num_tags: int = 4585
+    descriptions_per_tag: int = 51
+    tag_embedding_size: int = 512
     tag_hidden_size: int = 768
     tag_num_layers: int = 2
     tag_num_heads: int = 4
     tag_intermediate_size: int = 3072
+    tag_dropout: float = 0.1
     tag_threshold: float = 0.68
+    tag_thresholds: list[float] | None = None
+    tag_names: list[str] | None = None
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
 
@@ -80,20 +94,42 @@ class AstreaTaggerConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_sizes()
 
+    def thresholds(self) -> list[float]:
+        """The probability threshold of every tag: its own where the config has one, else `tag_threshold`."""
+        return list(self.tag_thresholds) if self.tag_thresholds is not None else [self.tag_threshold] * self.num_tags
+
+    def names(self) -> list[str]:
+        """The name of every tag (`tag_<index>` where the config names none)."""
+        return list(self.tag_names) if self.tag_names is not None else [f"tag_{i}" for i in range(self.num_tags)]
+
     def check_sizes(self):
         """Raises ValueError when the tag head does not fit the Swin encoder (runs at construction and load)."""
+        problems = []
         width = swin_output_width(self.vision_config)
         if width != self.vision_width:
-            raise ValueError(
-                f"AstreaTaggerConfig: vision_width={self.vision_width} does not fit the Swin encoder, whose last "
-                f"stage is {width} wide (embed_dim={self.vision_config.embed_dim}, {len(self.vision_config.depths)} "
-                "stages)."
+            problems.append(
+                f"vision_width={self.vision_width} does not fit the Swin encoder, whose last stage is {width} wide "
+                f"(embed_dim={self.vision_config.embed_dim}, {len(self.vision_config.depths)} stages)"
             )
         if self.tag_hidden_size % self.tag_num_heads:
-            raise ValueError(
-                f"AstreaTaggerConfig: tag_hidden_size={self.tag_hidden_size} is not divisible by "
-                f"tag_num_heads={self.tag_num_heads}."
+            problems.append(
+                f"tag_hidden_size={self.tag_hidden_size} is not divisible by tag_num_heads={self.tag_num_heads}"
             )
+        for name in ("num_tags", "descriptions_per_tag", "tag_embedding_size", "tag_num_layers"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.tag_threshold <= 1.0:
+            problems.append(f"tag_threshold={self.tag_threshold} must be a probability in [0, 1]")
+        if self.tag_thresholds is not None:
+            if len(self.tag_thresholds) != self.num_tags:
+                problems.append(f"tag_thresholds has {len(self.tag_thresholds)} entries for num_tags={self.num_tags}")
+            outside = [i for i, value in enumerate(self.tag_thresholds) if not 0.0 <= value <= 1.0]
+            if outside:
+                problems.append(f"tag_thresholds at {outside[:5]} are not probabilities in [0, 1]")
+        if self.tag_names is not None and len(self.tag_names) != self.num_tags:
+            problems.append(f"tag_names has {len(self.tag_names)} entries for num_tags={self.num_tags}")
+        if problems:
+            raise ValueError("AstreaTaggerConfig: " + "; ".join(problems) + ".")
 
 
 @strict

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .configuration_astrea import EXPERT_NAMES, AstreaConfig
-from .modeling_astrea_tagger import AstreaTaggerModel
+from .modeling_astrea_tagger import AstreaTaggerModel, init_tagger_weights
 
 logger = logging.get_logger(__name__)
 
@@ -441,6 +441,7 @@ class AstreaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        init_tagger_weights(module, self.config.classification_config)
         if getattr(module, "zero_init", False):
             module.weight.zero_()
             module.bias.zero_()

@@ -70,6 +70,8 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Astr
             },
             "vision_width": 64,
             "num_tags": 24,
+            "descriptions_per_tag": 2,
+            "tag_embedding_size": 16,
             "tag_hidden_size": 32,
             "tag_num_layers": 1,
             "tag_num_heads": 2,
