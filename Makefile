@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
+# lmms-eval 0.7.3 goes in without its declared dependencies (they include torchvision and timm, which cannot
+# work beside this torch); these are the ones its evaluator, CLI and result tables import
+LMMS_EVAL_DEPS := evaluate loguru pytz sacrebleu tenacity pytablewriter
 
 .PHONY: install demo ask app test test-browser bench ablations ablations-quick synthetic-benchmark configs clean
 
@@ -12,6 +15,8 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt --no-deps lmms-eval==0.7.3
+	$(PIP) install -q -c constraints.txt $(LMMS_EVAL_DEPS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -46,7 +46,9 @@ setup(
             "astrea-train=astrea.training.cli:main",
             "astrea-eval=astrea.evaluation.cli:main",
             "astrea-hub=astrea.hub_cards.cli:main",
-        ]
+        ],
+        # `lmms-eval --model astrea` (lmms-eval itself is installed with --no-deps: see the Makefile)
+        "lmms_eval.models": ["astrea=astrea.evaluation.lmms_model:manifests"],
     },
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "gradio==6.31.0", "playwright"],

@@ -3,6 +3,8 @@
     astrea-eval synthetic --output outputs/benchmarks/synthetic      # the synthetic set's splits, as files
     astrea-eval run --model outputs/demo/model --data outputs/benchmarks/synthetic/all.jsonl \\
         --output outputs/eval/demo                                    # predictions.jsonl + summary.json
+    astrea-eval lmms-tasks --data outputs/benchmarks/synthetic/all.jsonl --output outputs/lmms-tasks
+                                                                      # the same rows as lmms-eval tasks
 
 `--data` is a JSONL file (images relative to it) or a `datasets` folder; the format is in
 astrea/evaluation/benchmark.py and the README.
@@ -35,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--seed", type=int, default=0, help="the data seed (0: the demo recipe's held-out set)")
     synthetic.add_argument("--from-dataset", help="use this datasets folder's test split instead of drawing")
+    lmms = commands.add_parser("lmms-tasks", help="write a benchmark as lmms-eval tasks (for --include_path)")
+    lmms.add_argument("--data", required=True, help="benchmark: a JSONL file or a datasets folder")
+    lmms.add_argument("--split", default="test", help="split of a DatasetDict folder (default: test)")
+    lmms.add_argument("--output", required=True, help="folder to pass to lmms-eval's --include_path")
+    lmms.add_argument("--name", default="astrea_synthetic", help="group task name; each task is <name>_<task>")
     return parser.parse_args(argv)
 
 
@@ -82,10 +89,20 @@ def synthetic(args) -> int:
     return 0
 
 
+def lmms_tasks(args) -> int:
+    from .lmms_tasks import write_lmms_tasks
+
+    written = write_lmms_tasks(args.data, args.output, args.name, args.split)
+    for name, count in written.items():
+        print(f"{args.output}/{args.name}/{name}.yaml: {count} rows")
+    print(f"lmms-eval --model astrea --model_args pretrained=MODEL --include_path {args.output} --tasks {args.name}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return {"run": run, "synthetic": synthetic}[args.command](args)
+        return {"run": run, "synthetic": synthetic, "lmms-tasks": lmms_tasks}[args.command](args)
     except ValueError as error:
         print(f"astrea-eval: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,138 @@
+"""Astrea as an lmms-eval model: `lmms-eval --model astrea --model_args pretrained=<folder> ...`.
+
+lmms-eval's own `huggingface` model cannot load Astrea (it falls back to `AutoModel`, which has no LM head), so
+this class is registered under the name `astrea` through the `lmms_eval.models` entry point in setup.py.
+It is a "simple" lmms-eval model: each request brings the task's prompt text and its images (`doc_to_visual`);
+the prompt goes through the folder's chat template with one `<image>` per image, and answers are greedy unless
+the task asks for sampling. `loglikelihood` (for multiple-choice tasks scored by likelihood) sums the log
+probabilities of the continuation's tokens after the templated prompt.
+
+Install lmms-eval without its dependencies (it hard-requires torchvision, which cannot work beside this torch):
+`make install` does it; elsewhere `pip install -c constraints.txt --no-deps lmms-eval==0.7.3` and then the
+`LMMS_EVAL_DEPS` of the Makefile.
+"""
+
+import torch
+from lmms_eval.api.model import lmms
+from tqdm.auto import tqdm
+
+
+def manifests():
+    """The `lmms_eval.models` entry point: lmms-eval resolves `--model astrea` through it."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="astrea", simple_class_path="astrea.evaluation.lmms_model.Astrea")]
+
+
+class Astrea(lmms):
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        dtype: str = "auto",
+        trust_remote_code: bool | str = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
+
+        unknown = sorted(set(kwargs) - {"max_length"})
+        if unknown:
+            raise ValueError(f"astrea: unknown --model_args {unknown}; known: pretrained, device, batch_size, dtype")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, dtype)
+        remote = str(trust_remote_code).lower() in ("true", "1")
+        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=remote)
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(pretrained, dtype=dtype, trust_remote_code=remote)
+            .to(device)
+            .eval()
+        )
+        self.device = torch.device(device)
+        self.batch_size_per_gpu = int(batch_size)
+
+    # --- inputs ------------------------------------------------------------------------------------------
+
+    def _prompt(self, context: str, num_images: int) -> str:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _visuals(self, request) -> list:
+        doc_to_visual, doc_id, task, split = request.args[2:6]
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        return [v for v in (visuals or []) if v is not None]
+
+    def _inputs(self, texts: list[str], images: list) -> dict:
+        inputs = self.processor(
+            images=images or None, text=texts, padding=True, padding_side="left", return_tensors="pt"
+        )
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    # --- lmms-eval's interface -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        # one batch per generation settings, in request order within it
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
+        bar = tqdm(total=len(requests), desc="astrea generate", disable=self.rank != 0)
+        for indices in groups.values():
+            settings = dict(requests[indices[0]].args[1])
+            until = settings.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            generate = {"max_new_tokens": int(settings.pop("max_new_tokens", 128))}
+            temperature = float(settings.pop("temperature", 0) or 0)
+            if settings.pop("do_sample", False) or temperature > 0:
+                generate.update(do_sample=True, temperature=temperature or 1.0, top_p=settings.pop("top_p", None))
+            else:
+                generate["do_sample"] = False
+            for start in range(0, len(indices), self.batch_size_per_gpu):
+                chunk = indices[start : start + self.batch_size_per_gpu]
+                texts, images = [], []
+                for index in chunk:
+                    visuals = self._visuals(requests[index])
+                    texts.append(self._prompt(requests[index].args[0], len(visuals)))
+                    images.extend(visuals)
+                batch = self._inputs(texts, images)
+                output = self.model.generate(**batch, **generate)
+                new_tokens = output[:, batch["input_ids"].shape[1] :]
+                decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+                for index, text in zip(chunk, decoded, strict=True):
+                    for stop in until:
+                        text = text.split(stop)[0] if stop else text
+                    answers[index] = text.strip()
+                    self.cache_hook.add_partial("generate_until", requests[index].args, answers[index])
+                bar.update(len(chunk))
+        bar.close()
+        return answers
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, desc="astrea loglikelihood", disable=self.rank != 0):
+            context, continuation = request.args[0], request.args[1]
+            visuals = self._visuals(request)
+            prompt = self._prompt(context, len(visuals))
+            prompt_length = self._inputs([prompt], visuals)["input_ids"].shape[1]
+            batch = self._inputs([prompt + continuation], visuals)
+            logits = self.model(**batch).logits[0, prompt_length - 1 : -1].float()  # predicts the continuation
+            target = batch["input_ids"][0, prompt_length:]
+            log_probs = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+            results.append((float(log_probs.sum()), bool((logits.argmax(-1) == target).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("astrea: multi-round generation tasks are not supported yet")
+
+
+__all__ = ["Astrea", "manifests"]

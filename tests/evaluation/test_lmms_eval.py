@@ -1,0 +1,114 @@
+"""lmms-eval on Astrea: `astrea-eval lmms-tasks` writes a local benchmark as lmms-eval tasks, and the lmms-eval CLI
+runs them on an Astrea folder through the `astrea` model registered by our entry point, offline. Its predictions
+and scores are checked against `astrea-eval run` on the same model and rows."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from astrea_testing import save_random_tiny
+
+from astrea.evaluation import benchmark, lmms_tasks
+from astrea.evaluation.cli import main as astrea_eval
+
+
+class FunctionTag(yaml.SafeLoader):
+    """Reads lmms-eval's `!function utils.x` tags as plain strings."""
+
+
+FunctionTag.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms")
+    assert astrea_eval(["synthetic", "--output", str(root / "bench"), "--num-images", "2"]) == 0
+    save_random_tiny(root / "model")
+    return root
+
+
+def test_lmms_tasks_writes_a_task_per_benchmark_task_and_a_group(workspace, capsys):
+    data = workspace / "bench" / "all.jsonl"
+    assert astrea_eval(["lmms-tasks", "--data", str(data), "--output", str(workspace / "tasks")]) == 0
+    assert "--include_path" in capsys.readouterr().out
+    folder = workspace / "tasks" / "astrea_synthetic"
+    rows = benchmark.load_benchmark(data)
+    asked = [row for row in rows if row["task"] != "retrieval"]
+    tasks = sorted({row["task"] for row in asked})
+    group = yaml.load((folder / "astrea_synthetic.yaml").read_text(), Loader=FunctionTag)
+    assert group == {"group": "astrea_synthetic", "task": [f"astrea_synthetic_{task}" for task in group_order(asked)]}
+    for task in tasks:
+        config = yaml.load((folder / f"astrea_synthetic_{task}.yaml").read_text(), Loader=FunctionTag)
+        assert config["dataset_path"] == "json" and config["output_type"] == "generate_until"
+        assert config["generation_kwargs"]["max_new_tokens"] == benchmark.MAX_NEW_TOKENS.get(
+            task, benchmark.SHORT_ANSWER_TOKENS
+        )
+        assert [m["metric"] for m in config["metric_list"]] == [m for m, _ in lmms_tasks.TASK_METRICS[task]]
+        written = [json.loads(line) for line in (folder / f"astrea_synthetic_{task}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in written] == [r["id"] for r in asked if r["task"] == task]
+        assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in written)
+
+
+def group_order(rows):
+    return list(dict.fromkeys(row["task"] for row in rows))
+
+
+def test_hooks_score_like_astrea_eval(workspace):
+    rows = [row for row in benchmark.load_benchmark(workspace / "bench" / "all.jsonl") if row["task"] != "retrieval"]
+    predictions = {row["id"]: ("yes" if i % 3 else row["answers"][0] if row.get("answers") else "[0.1, 0.1, 0.5, 0.5]")
+                   for i, row in enumerate(rows)}
+    expected = benchmark.score(rows, predictions)
+    for task, metric_list in lmms_tasks.TASK_METRICS.items():
+        task_rows = [row for row in rows if row["task"] == task]
+        if not task_rows:
+            continue
+        results = [lmms_tasks.process_results(row, [predictions[row["id"]]]) for row in task_rows]
+        for metric, aggregation in metric_list:
+            values = [result[metric] for result in results]
+            value = sum(values) / len(values) if aggregation == "mean" else getattr(lmms_tasks, metric)(values)
+            assert value == pytest.approx(expected[task][metric]), (task, metric)
+
+
+def test_bad_arguments_are_one_line_errors(workspace, capsys):
+    assert astrea_eval(["lmms-tasks", "--data", str(workspace / "nope.jsonl"), "--output", "x"]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
+    data = str(workspace / "bench" / "all.jsonl")
+    assert astrea_eval(["lmms-tasks", "--data", data, "--output", str(workspace / "x"), "--name", "a-b"]) == 2
+    assert "--name must be a plain identifier" in capsys.readouterr().err
+
+
+def test_lmms_eval_cli_runs_astrea_offline_and_agrees_with_astrea_eval(workspace):
+    # astrea-eval's answers first; then a benchmark whose references are those answers for every other row, so
+    # that the scores lmms-eval reports are neither 0 nor 1 unless its scoring path differs
+    vqa = workspace / "bench" / "vqa.jsonl"
+    assert astrea_eval(["run", "--model", str(workspace / "model"), "--data", str(vqa), "--output",
+                        str(workspace / "astrea-out"), "--batch-size", "1", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (workspace / "astrea-out" / "predictions.jsonl").read_text().splitlines()]
+    ours = [record["prediction"].split("\n\n")[0].strip() for record in records]
+    rows = [json.loads(line) for line in vqa.read_text().splitlines()]
+    for index, (row, answer) in enumerate(zip(rows, ours, strict=True)):
+        row["answers"] = [answer] if index % 2 == 0 and answer else ["not-an-answer"]
+    agree = workspace / "bench" / "agree.jsonl"
+    agree.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected = benchmark.score(benchmark.load_benchmark(agree), dict(zip([r["id"] for r in rows], ours, strict=True)))
+
+    tasks = workspace / "cli-tasks"
+    assert astrea_eval(["lmms-tasks", "--data", str(agree), "--output", str(tasks), "--name", "tiny_check"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(workspace / "hf")}
+    command = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "astrea"]
+    command += ["--model_args", f"pretrained={workspace / 'model'}", "--tasks", "tiny_check"]
+    command += ["--include_path", str(tasks), "--batch_size", "1", "--device", "cpu"]
+    command += ["--output_path", str(workspace / "lmms-out"), "--log_samples", "--verbosity", "WARNING"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=workspace)
+    outputs = list((workspace / "lmms-out").rglob("*_results.json"))
+    assert result.returncode == 0 and outputs, result.stdout[-3000:] + result.stderr[-3000:]  # it exits 0 on errors
+    reported = json.loads(outputs[0].read_text())["results"]["tiny_check_vqa"]
+    (samples_file,) = (workspace / "lmms-out").rglob("*_samples_tiny_check_vqa.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [sample["filtered_resps"] for sample in samples] == ours  # same prompt, template, greedy decoding
+    assert 0 < expected["vqa"]["vqa_accuracy"] < 1
+    assert reported["vqa_accuracy,none"] == pytest.approx(expected["vqa"]["vqa_accuracy"])
