@@ -59,8 +59,10 @@ def group_order(rows):
 
 def test_hooks_score_like_astrea_eval(workspace):
     rows = [row for row in benchmark.load_benchmark(workspace / "bench" / "all.jsonl") if row["task"] != "retrieval"]
-    predictions = {row["id"]: ("yes" if i % 3 else row["answers"][0] if row.get("answers") else "[0.1, 0.1, 0.5, 0.5]")
-                   for i, row in enumerate(rows)}
+    predictions = {
+        row["id"]: ("yes" if i % 3 else row["answers"][0] if row.get("answers") else "[0.1, 0.1, 0.5, 0.5]")
+        for i, row in enumerate(rows)
+    }
     expected = benchmark.score(rows, predictions)
     for task, metric_list in lmms_tasks.TASK_METRICS.items():
         task_rows = [row for row in rows if row["task"] == task]
@@ -85,8 +87,23 @@ def test_lmms_eval_cli_runs_astrea_offline_and_agrees_with_astrea_eval(workspace
     # astrea-eval's answers first; then a benchmark whose references are those answers for every other row, so
     # that the scores lmms-eval reports are neither 0 nor 1 unless its scoring path differs
     vqa = workspace / "bench" / "vqa.jsonl"
-    assert astrea_eval(["run", "--model", str(workspace / "model"), "--data", str(vqa), "--output",
-                        str(workspace / "astrea-out"), "--batch-size", "1", "--no-progress"]) == 0
+    assert (
+        astrea_eval(
+            [
+                "run",
+                "--model",
+                str(workspace / "model"),
+                "--data",
+                str(vqa),
+                "--output",
+                str(workspace / "astrea-out"),
+                "--batch-size",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (workspace / "astrea-out" / "predictions.jsonl").read_text().splitlines()]
     ours = [record["prediction"].split("\n\n")[0].strip() for record in records]
     rows = [json.loads(line) for line in vqa.read_text().splitlines()]
@@ -112,3 +129,52 @@ def test_lmms_eval_cli_runs_astrea_offline_and_agrees_with_astrea_eval(workspace
     assert [sample["filtered_resps"] for sample in samples] == ours  # same prompt, template, greedy decoding
     assert 0 < expected["vqa"]["vqa_accuracy"] < 1
     assert reported["vqa_accuracy,none"] == pytest.approx(expected["vqa"]["vqa_accuracy"])
+
+
+class Request:
+    """What lmms-eval hands a simple model: `args` = (context, continuation or gen_kwargs, doc_to_visual, doc_id,
+    task, split)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_loglikelihood_is_the_continuations_log_probability(workspace):
+    import torch
+    from PIL import Image
+
+    from astrea.evaluation.lmms_model import Astrea
+
+    lmm = Astrea(pretrained=str(workspace / "model"), device="cpu")
+    image = Image.new("RGB", (40, 30), "red")
+    lmm.task_dict = {"t": {"test": [{"image": image}]}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    ((log_prob, greedy),) = lmm.loglikelihood([Request("What colour is it?", " red", visual, 0, "t", "test")])
+
+    processor, model = lmm.processor, lmm.model
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}],
+        add_generation_prompt=True,
+    )
+    prompt_length = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(images=[image], text=[prompt + " red"], return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt_length] = -100
+    with torch.no_grad():
+        output = model(**inputs, labels=labels)
+    continuation_tokens = inputs["input_ids"].shape[1] - prompt_length
+    assert continuation_tokens >= 1
+    assert log_prob == pytest.approx(-output.loss_reg.item() * continuation_tokens, rel=1e-4)
+    best = output.logits[0, prompt_length - 1 : -1].argmax(-1)
+    assert greedy == bool((best == inputs["input_ids"][0, prompt_length:]).all())
+
+    # generate_until: one batch per generation settings, answers cut at the task's stop strings
+    settings = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
+    answers = lmm.generate_until([Request("What colour is it?", settings, visual, 0, "t", "test")] * 2)
+    alone = model.generate(
+        **processor(images=[image], text=[prompt], return_tensors="pt"), max_new_tokens=4, do_sample=False
+    )
+    expected = processor.decode(alone[0, prompt_length:], skip_special_tokens=True).split("\n\n")[0].strip()
+    assert answers == [expected, expected]
+    with pytest.raises(ValueError, match=r"unknown --model_args \['colour'\]"):
+        Astrea(pretrained=str(workspace / "model"), colour="blue")
