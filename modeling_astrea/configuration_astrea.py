@@ -103,7 +103,8 @@ class AstreaTaggerConfig(PreTrainedConfig):
         return list(self.tag_names) if self.tag_names is not None else [f"tag_{i}" for i in range(self.num_tags)]
 
     def check_sizes(self):
-        """Raises ValueError when the tag head does not fit the Swin encoder (runs at construction and load)."""
+        """Raises ValueError when a size is out of range, the tag head does not fit the Swin encoder, or the tag
+        lists do not have one entry per tag (runs at construction and load)."""
         problems = []
         width = swin_output_width(self.vision_config)
         if width != self.vision_width:
@@ -111,13 +112,17 @@ class AstreaTaggerConfig(PreTrainedConfig):
                 f"vision_width={self.vision_width} does not fit the Swin encoder, whose last stage is {width} wide "
                 f"(embed_dim={self.vision_config.embed_dim}, {len(self.vision_config.depths)} stages)"
             )
-        if self.tag_hidden_size % self.tag_num_heads:
+        sizes = ("num_tags", "descriptions_per_tag", "tag_embedding_size", "tag_hidden_size", "tag_num_layers")
+        sizes += ("tag_num_heads", "tag_intermediate_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.tag_num_heads >= 1 and self.tag_hidden_size % self.tag_num_heads:
             problems.append(
                 f"tag_hidden_size={self.tag_hidden_size} is not divisible by tag_num_heads={self.tag_num_heads}"
             )
-        for name in ("num_tags", "descriptions_per_tag", "tag_embedding_size", "tag_num_layers"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.tag_dropout < 1.0:
+            problems.append(f"tag_dropout={self.tag_dropout} must be in [0, 1)")
         if not 0.0 <= self.tag_threshold <= 1.0:
             problems.append(f"tag_threshold={self.tag_threshold} must be a probability in [0, 1]")
         if self.tag_thresholds is not None:
@@ -139,7 +144,7 @@ class AstreaConfig(PreTrainedConfig):
 
     text_config (`PreTrainedConfig`): any causal LM config (Llama/Vicuna, Qwen2, Yi, ...).
     caption_config (`SiglipVisionConfig`): the caption / global expert (SigLIP).
-    classification_config (`AstreaTaggerConfig`): the classification expert (RAM++-style tagger).
+    classification_config (`AstreaTaggerConfig`): the classification expert (the RAM++ tagger).
     detection_config (`GroundingDinoConfig`): the detection expert (Grounding DINO).
     segmentation_config (`Sam2VisionConfig`): the segmentation expert (SAM2's image encoder).
     image_token_id (`int`): id of the image placeholder token in the LLM vocabulary.

@@ -32,6 +32,7 @@ Buffers that transformers recomputes (`relative_position_index`, `attn_mask`) ar
 import argparse
 import math
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -84,8 +85,10 @@ def load_ram_plus_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"RAM++ checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    try:  # memory-mapped where the file is a zip archive (the release is one, and holds more than the weights)
+        checkpoint = torch.load(
+            path, map_location="cpu", weights_only=not trust_checkpoint, mmap=zipfile.is_zipfile(path)
+        )
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or a zip error for a bad file
         hint = "" if trust_checkpoint else " (if it holds non-tensor objects and you trust it: --trust-checkpoint)"
         raise ValueError(f"Cannot read the RAM++ checkpoint {path}: {error}{hint}") from error
@@ -221,7 +224,10 @@ def convert_ram_plus(
     config = ram_plus_config(state_dict, tag_names, tag_thresholds, image_size, tag_num_heads)
     converted, unused = convert_state_dict(state_dict)
     if unused:
-        logger.warning(f"{len(unused)} entries of {checkpoint} are not part of the tagger and were left out: {unused}")
+        logger.warning(
+            f"{len(unused)} entries of {checkpoint} are not part of the tagger and were left out: {unused[:10]}"
+            + (" ..." if len(unused) > 10 else "")
+        )
     model = AstreaTaggerModel(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
@@ -236,10 +242,10 @@ def convert_ram_plus(
             f"{checkpoint} does not fit the RAM++ layout: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"wrong shapes {wrong[:8]}"
         )
-    model.load_state_dict(converted)
-    model.to(next(iter(converted.values())).dtype).eval()
-    model.save_pretrained(output)
-    ViTImageProcessorPil(  # RAM++'s transform: resize to a square (bilinear), ImageNet mean and std
+    model.load_state_dict(converted)  # copied into the model's float32 parameters
+    model.eval().save_pretrained(output)
+    ViTImageProcessorPil(  # RAM++'s transform: RGB, resize to a square (bilinear), ImageNet mean and std
+        do_convert_rgb=True,
         size={"height": image_size, "width": image_size},
         resample=PILImageResampling.BILINEAR,
         image_mean=list(IMAGENET_DEFAULT_MEAN),

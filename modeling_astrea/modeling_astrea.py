@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .configuration_astrea import EXPERT_NAMES, AstreaConfig
-from .modeling_astrea_tagger import AstreaTaggerModel, init_tagger_weights
+from .modeling_astrea_tagger import AstreaTaggerModel
 
 logger = logging.get_logger(__name__)
 
@@ -155,7 +155,7 @@ class AstreaCaptionExpert(nn.Module):
 
 
 class AstreaClassificationExpert(nn.Module):
-    """RAM++-style tagger: the Swin encoder's last-stage tokens (12x12 for Swin-L@384) feed Astrea."""
+    """RAM++ tagger: the Swin encoder's last-stage tokens (12x12 for Swin-L@384) feed Astrea."""
 
     def __init__(self, config):
         super().__init__()
@@ -441,7 +441,6 @@ class AstreaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        init_tagger_weights(module, self.config.classification_config)
         if getattr(module, "zero_init", False):
             module.weight.zero_()
             module.bias.zero_()

@@ -16,6 +16,7 @@ Inside Astrea only step 1's Swin grid feeds the router; the rest makes the exper
 (`predict_tags`).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,11 @@ class AstreaTagDecoderLayer(nn.Module):
 
 
 def init_tagger_weights(module: nn.Module, config: AstreaTaggerConfig) -> None:
-    """The tagger's own parameters (the Linear and LayerNorm layers get the usual transformers init)."""
+    """The tagger's own parameters (the Linear and LayerNorm layers get the usual transformers init). Inside Astrea
+    too: transformers initialises a `PreTrainedModel` child with that child's own `_init_weights`."""
     if isinstance(module, AstreaTaggerModel):
         init.normal_(module.tag_embeddings, mean=0.0, std=config.initializer_range)
-        init.constant_(module.description_logit_scale, torch.tensor(1 / 0.07).log().item())  # CLIP's 1/0.07
+        init.constant_(module.description_logit_scale, math.log(1 / 0.07))  # CLIP's temperature
 
 
 class AstreaTaggerPreTrainedModel(PreTrainedModel):
@@ -154,7 +156,10 @@ class AstreaTaggerModel(AstreaTaggerPreTrainedModel):
     @torch.no_grad()
     def predict_tags(self, pixel_values: torch.FloatTensor, threshold: float | None = None) -> list[list[str]]:
         """Per image, the names of the tags whose probability exceeds their threshold (the config's per-tag
-        thresholds; or one `threshold` for every tag), in tag order."""
+        thresholds; or one `threshold` for every tag), in tag order. Call it in eval mode (as `from_pretrained`
+        leaves the model): in train mode the decoder's dropout is on."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold} must be a probability in [0, 1]")
         probs = self(pixel_values).tag_logits.float().sigmoid()  # [B, T]
         if threshold is None:
             limits = torch.tensor(self.config.thresholds(), device=probs.device)
@@ -170,5 +175,4 @@ __all__ = [
     "AstreaTaggerModel",
     "AstreaTaggerOutput",
     "AstreaTaggerPreTrainedModel",
-    "init_tagger_weights",
 ]
