@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.astrea-installed
 # lmms-eval 0.7.3 goes in without its declared dependencies (they include torchvision and timm, which cannot
-# work beside this torch); these are the ones its evaluator, CLI and result tables import
-LMMS_EVAL_DEPS := evaluate loguru pytz sacrebleu tenacity pytablewriter
+# work beside this torch); these are the ones its evaluator, CLI and result tables import, and levenshtein for
+# MathVista's scoring
+LMMS_EVAL_DEPS := evaluate loguru pytz sacrebleu tenacity pytablewriter levenshtein
 
 .PHONY: install demo ask app test test-browser bench ablations ablations-quick synthetic-benchmark configs clean
 

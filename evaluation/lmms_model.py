@@ -4,13 +4,17 @@ lmms-eval's own `huggingface` model cannot load Astrea (it falls back to `AutoMo
 this class is registered under the name `astrea` through the `lmms_eval.models` entry point in setup.py.
 It is a "simple" lmms-eval model: each request brings the task's prompt text and its images (`doc_to_visual`);
 the prompt goes through the folder's chat template with one `<image>` per image, and answers are greedy unless
-the task asks for sampling. `loglikelihood` (for multiple-choice tasks scored by likelihood) sums the log
-probabilities of the continuation's tokens after the templated prompt.
+the task asks for sampling (or beam search); the task's `until` strings cut the answers. `loglikelihood` (the
+`loglikelihood` and `multiple_choice` task types) sums the log probabilities of the continuation's tokens after
+the templated prompt. Under `accelerate launch` each process takes the GPU of its `LOCAL_RANK`; lmms-eval shards
+the requests itself.
 
 Install lmms-eval without its dependencies (it hard-requires torchvision, which cannot work beside this torch):
 `make install` does it; elsewhere `pip install -c constraints.txt --no-deps lmms-eval==0.7.3` and then the
 `LMMS_EVAL_DEPS` of the Makefile.
 """
+
+import os
 
 import torch
 from lmms_eval.api.model import lmms
@@ -41,10 +45,16 @@ class Astrea(lmms):
 
         import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
 
-        unknown = sorted(set(kwargs) - {"max_length"})
+        unknown = sorted(set(kwargs) - {"max_length", "max_batch_size"})
         if unknown:
-            raise ValueError(f"astrea: unknown --model_args {unknown}; known: pretrained, device, batch_size, dtype")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            raise ValueError(
+                f"astrea: unknown --model_args {unknown}; known: pretrained, device, batch_size, dtype, "
+                "trust_remote_code"
+            )
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"astrea: --batch_size must be a positive number, got {batch_size!r}")
+        if device is None:  # under `accelerate launch`, each process on its own GPU (lmms-eval shards the requests)
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         else:
@@ -65,10 +75,25 @@ class Astrea(lmms):
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
+    def _doc(self, request) -> dict | None:
+        if len(request.args) < 6:  # acc_mutual_info's unconditional requests: ("", continuation)
+            return None
+        doc_id, task, split = request.args[3:6]
+        return self.task_dict[task][split][doc_id]
+
     def _visuals(self, request) -> list:
-        doc_to_visual, doc_id, task, split = request.args[2:6]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-        return [v for v in (visuals or []) if v is not None]
+        """The request's images, flattened (tasks may nest lists or leave Nones); image paths stay paths, which
+        the processor opens."""
+        doc = self._doc(request)
+        doc_to_visual = request.args[2] if doc is not None else None
+        pending, visuals = list(doc_to_visual(doc) or []) if doc_to_visual is not None else [], []
+        while pending:
+            item = pending.pop(0)
+            if isinstance(item, (list, tuple)):
+                pending[:0] = list(item)
+            elif item is not None:
+                visuals.append(item)
+        return visuals
 
     def _inputs(self, texts: list[str], images: list) -> dict:
         inputs = self.processor(
@@ -91,6 +116,8 @@ class Astrea(lmms):
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             generate = {"max_new_tokens": int(settings.pop("max_new_tokens", 128))}
+            if int(settings.pop("num_beams", 1) or 1) > 1:
+                generate["num_beams"] = int(requests[indices[0]].args[1]["num_beams"])
             temperature = float(settings.pop("temperature", 0) or 0)
             if settings.pop("do_sample", False) or temperature > 0:
                 generate.update(do_sample=True, temperature=temperature or 1.0, top_p=settings.pop("top_p", None))
@@ -118,15 +145,26 @@ class Astrea(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(sum of the continuation tokens' log probabilities after the templated prompt, whether greedy decoding
+        would produce exactly them), per request. The continuation is tokenized on its own and appended to the
+        prompt's ids, so no token straddles the boundary."""
+        tokenizer = self.processor.tokenizer
         results = []
         for request in tqdm(requests, desc="astrea loglikelihood", disable=self.rank != 0):
             context, continuation = request.args[0], request.args[1]
+            doc = self._doc(request)
+            if callable(continuation):  # `output_type: loglikelihood` passes the task's doc_to_target
+                continuation = continuation(doc)
+            continuation = continuation[0] if isinstance(continuation, list) else str(continuation)
             visuals = self._visuals(request)
-            prompt = self._prompt(context, len(visuals))
-            prompt_length = self._inputs([prompt], visuals)["input_ids"].shape[1]
-            batch = self._inputs([prompt + continuation], visuals)
-            logits = self.model(**batch).logits[0, prompt_length - 1 : -1].float()  # predicts the continuation
-            target = batch["input_ids"][0, prompt_length:]
+            batch = self._inputs([self._prompt(context, len(visuals))], visuals)
+            target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], device=self.device)
+            if target.numel() == 0:
+                raise ValueError(f"astrea: the continuation {continuation!r} has no tokens")
+            prompt_length = batch["input_ids"].shape[1]
+            batch["input_ids"] = torch.cat([batch["input_ids"], target[None]], dim=1)
+            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(target)[None]], dim=1)
+            logits = self.model(**batch).logits[0, prompt_length - 1 : -1].float()  # the continuation's predictions
             log_probs = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
             results.append((float(log_probs.sum()), bool((logits.argmax(-1) == target).all())))
         return results

@@ -102,15 +102,16 @@ def _task_yaml(name: str, task: str) -> str:
     )
     return (
         f"# Written by astrea-eval lmms-tasks: the {task} rows of an Astrea benchmark file.\n"
-        f"task: {name}\n"
+        f"task: {json.dumps(name)}\n"
         "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {name}.jsonl\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(name + '.jsonl')}\n"
         "test_split: test\n"
         "output_type: generate_until\n"
         "doc_to_visual: !function utils.doc_to_visual\n"
         "doc_to_text: !function utils.doc_to_text\n"
         "doc_to_target: !function utils.doc_to_target\n"
-        f"generation_kwargs:\n  max_new_tokens: {tokens}\n  do_sample: false\n  temperature: 0\n"
+        # `until: []`: no stop string, as astrea-eval (lmms-eval would otherwise cut answers at a blank line)
+        f"generation_kwargs:\n  max_new_tokens: {tokens}\n  do_sample: false\n  temperature: 0\n  until: []\n"
         "process_results: !function utils.process_results\n"
         f"metric_list:\n{metric_lines}"
         "metadata:\n  version: 1.0\n"
@@ -131,6 +132,8 @@ def write_lmms_tasks(data: str | Path, output: str | Path, name: str = "astrea_s
         raise ValueError(f"Benchmark {data} has only retrieval rows, which lmms-eval cannot run.")
     folder = Path(output) / name
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob(f"{name}_*.yaml"), *folder.glob(f"{name}_*.jsonl")]:  # an earlier run's tasks
+        stale.unlink()
     written = {}
     for task, task_rows in by_task.items():
         task_name = f"{name}_{task}"
@@ -140,12 +143,15 @@ def write_lmms_tasks(data: str | Path, output: str | Path, name: str = "astrea_s
                     path = folder / "images" / f"{row['id']}.png"
                     path.parent.mkdir(exist_ok=True)
                     row["image"].convert("RGB").save(path)
-                    row = {**row, "image": str(path)}
+                    # rows of one image keep one identity (MME's acc+), as astrea-eval hashes the pixels
+                    row = {**row, "image": str(path), "image_id": image_identity(row)}
                 file.write(json.dumps({**row, "image": str(Path(row["image"]).resolve())}) + "\n")
         (folder / f"{task_name}.yaml").write_text(_task_yaml(task_name, task))
         written[task_name] = len(task_rows)
-    group = "".join(f"  - {task_name}\n" for task_name in written)
-    (folder / f"{name}.yaml").write_text(f"# Written by astrea-eval lmms-tasks\ngroup: {name}\ntask:\n{group}")
+    group = "".join(f"  - {json.dumps(task_name)}\n" for task_name in written)
+    (folder / f"{name}.yaml").write_text(
+        f"# Written by astrea-eval lmms-tasks\ngroup: {json.dumps(name)}\ntask:\n{group}"
+    )
     (folder / "utils.py").write_text(UTILS)
     return written
 

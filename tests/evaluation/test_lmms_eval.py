@@ -84,34 +84,25 @@ def test_bad_arguments_are_one_line_errors(workspace, capsys):
 
 
 def test_lmms_eval_cli_runs_astrea_offline_and_agrees_with_astrea_eval(workspace):
-    # astrea-eval's answers first; then a benchmark whose references are those answers for every other row, so
-    # that the scores lmms-eval reports are neither 0 nor 1 unless its scoring path differs
-    vqa = workspace / "bench" / "vqa.jsonl"
-    assert (
-        astrea_eval(
-            [
-                "run",
-                "--model",
-                str(workspace / "model"),
-                "--data",
-                str(vqa),
-                "--output",
-                str(workspace / "astrea-out"),
-                "--batch-size",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    records = [json.loads(line) for line in (workspace / "astrea-out" / "predictions.jsonl").read_text().splitlines()]
-    ours = [record["prediction"].split("\n\n")[0].strip() for record in records]
-    rows = [json.loads(line) for line in vqa.read_text().splitlines()]
-    for index, (row, answer) in enumerate(zip(rows, ours, strict=True)):
-        row["answers"] = [answer] if index % 2 == 0 and answer else ["not-an-answer"]
+    # astrea-eval's answers first; then the same rows with the references of every other vqa row set to those
+    # answers, so that the vqa score is neither 0 nor 1 and a difference in lmms-eval's scoring path shows
+    full = workspace / "bench" / "all.jsonl"
+    out = workspace / "astrea-out"
+    command = ["run", "--model", str(workspace / "model"), "--data", str(full), "--output", str(out)]
+    assert astrea_eval(command + ["--batch-size", "1", "--no-progress"]) == 0
+    ours = {}
+    for line in (out / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["task"] != "retrieval":
+            ours[record["id"]] = record["prediction"]
+    rows = [json.loads(line) for line in full.read_text().splitlines()]
+    rows = [row for row in rows if row["task"] != "retrieval"]
+    for index, row in enumerate(r for r in rows if r["task"] == "vqa"):
+        row["answers"] = [ours[row["id"]]] if index % 2 == 0 and ours[row["id"]].strip() else ["not-an-answer"]
     agree = workspace / "bench" / "agree.jsonl"
     agree.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    expected = benchmark.score(benchmark.load_benchmark(agree), dict(zip([r["id"] for r in rows], ours, strict=True)))
+    expected = benchmark.score(benchmark.load_benchmark(agree), ours)
+    assert 0 < expected["vqa"]["vqa_accuracy"] < 1
 
     tasks = workspace / "cli-tasks"
     assert astrea_eval(["lmms-tasks", "--data", str(agree), "--output", str(tasks), "--name", "tiny_check"]) == 0
@@ -123,12 +114,18 @@ def test_lmms_eval_cli_runs_astrea_offline_and_agrees_with_astrea_eval(workspace
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=workspace)
     outputs = list((workspace / "lmms-out").rglob("*_results.json"))
     assert result.returncode == 0 and outputs, result.stdout[-3000:] + result.stderr[-3000:]  # it exits 0 on errors
-    reported = json.loads(outputs[0].read_text())["results"]["tiny_check_vqa"]
-    (samples_file,) = (workspace / "lmms-out").rglob("*_samples_tiny_check_vqa.jsonl")
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
-    assert [sample["filtered_resps"] for sample in samples] == ours  # same prompt, template, greedy decoding
-    assert 0 < expected["vqa"]["vqa_accuracy"] < 1
-    assert reported["vqa_accuracy,none"] == pytest.approx(expected["vqa"]["vqa_accuracy"])
+    reported = json.loads(outputs[0].read_text())["results"]
+    assert {name for name in reported if name != "tiny_check"} == {f"tiny_check_{task}" for task in expected}
+    for task, summary in expected.items():
+        (samples_file,) = (workspace / "lmms-out").rglob(f"*_samples_tiny_check_{task}.jsonl")
+        samples = sorted(
+            (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"]
+        )
+        task_ids = [row["id"] for row in rows if row["task"] == task]
+        # same prompt, template and greedy decoding, no stop string: the same answers, row by row
+        assert [sample["filtered_resps"] for sample in samples] == [ours[i].strip() for i in task_ids], task
+        for metric, _ in lmms_tasks.TASK_METRICS[task]:
+            assert reported[f"tiny_check_{task}"][f"{metric},none"] == pytest.approx(summary[metric]), (task, metric)
 
 
 class Request:
@@ -168,13 +165,21 @@ def test_loglikelihood_is_the_continuations_log_probability(workspace):
     best = output.logits[0, prompt_length - 1 : -1].argmax(-1)
     assert greedy == bool((best == inputs["input_ids"][0, prompt_length:]).all())
 
-    # generate_until: one batch per generation settings, answers cut at the task's stop strings
-    settings = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
-    answers = lmm.generate_until([Request("What colour is it?", settings, visual, 0, "t", "test")] * 2)
-    alone = model.generate(
-        **processor(images=[image], text=[prompt], return_tensors="pt"), max_new_tokens=4, do_sample=False
-    )
-    expected = processor.decode(alone[0, prompt_length:], skip_special_tokens=True).split("\n\n")[0].strip()
-    assert answers == [expected, expected]
+    # generate_until: one batch per generation settings, answers in request order, cut at the stop strings
+    def alone(tokens):
+        output = model.generate(
+            **processor(images=[image], text=[prompt], return_tensors="pt"), max_new_tokens=tokens, do_sample=False
+        )
+        return processor.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+    short, long = alone(2), alone(6)
+    stop = long.strip()[len(long.strip()) // 2]  # a character inside the longer answer
+    requests = [
+        Request("What colour is it?", {"max_new_tokens": 6, "until": []}, visual, 0, "t", "test"),
+        Request("What colour is it?", {"max_new_tokens": 2, "temperature": 0}, visual, 0, "t", "test"),
+        Request("What colour is it?", {"max_new_tokens": 6, "until": [stop]}, visual, 0, "t", "test"),
+    ]
+    assert lmm.generate_until(requests) == [long.strip(), short.strip(), long.split(stop)[0].strip()]
+    assert long.split(stop)[0].strip() != long.strip()
     with pytest.raises(ValueError, match=r"unknown --model_args \['colour'\]"):
         Astrea(pretrained=str(workspace / "model"), colour="blue")
