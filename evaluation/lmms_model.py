@@ -84,16 +84,16 @@ class Astrea(lmms):
     def _visuals(self, request) -> list:
         """The request's images, flattened (tasks may nest lists or leave Nones); image paths stay paths, which
         the processor opens."""
+
+        def flat(items):
+            for item in items or []:
+                if isinstance(item, (list, tuple)):
+                    yield from flat(item)
+                elif item is not None:
+                    yield item
+
         doc = self._doc(request)
-        doc_to_visual = request.args[2] if doc is not None else None
-        pending, visuals = list(doc_to_visual(doc) or []) if doc_to_visual is not None else [], []
-        while pending:
-            item = pending.pop(0)
-            if isinstance(item, (list, tuple)):
-                pending[:0] = list(item)
-            elif item is not None:
-                visuals.append(item)
-        return visuals
+        return list(flat(request.args[2](doc))) if doc is not None and request.args[2] is not None else []
 
     def _inputs(self, texts: list[str], images: list) -> dict:
         inputs = self.processor(
@@ -116,8 +116,8 @@ class Astrea(lmms):
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             generate = {"max_new_tokens": int(settings.pop("max_new_tokens", 128))}
-            if int(settings.pop("num_beams", 1) or 1) > 1:
-                generate["num_beams"] = int(requests[indices[0]].args[1]["num_beams"])
+            if (beams := int(settings.pop("num_beams", 1) or 1)) > 1:
+                generate["num_beams"] = beams
             temperature = float(settings.pop("temperature", 0) or 0)
             if settings.pop("do_sample", False) or temperature > 0:
                 generate.update(do_sample=True, temperature=temperature or 1.0, top_p=settings.pop("top_p", None))
@@ -146,27 +146,43 @@ class Astrea(lmms):
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(sum of the continuation tokens' log probabilities after the templated prompt, whether greedy decoding
-        would produce exactly them), per request. The continuation is tokenized on its own and appended to the
-        prompt's ids, so no token straddles the boundary."""
+        would produce exactly them), per request. The requests of one prompt and document (a multiple-choice
+        question's options) share one encoding of its images: the experts run once per question, not per option.
+        Each continuation is tokenized on its own and appended to the prompt's ids, so no token straddles the
+        boundary."""
         tokenizer = self.processor.tokenizer
-        results = []
-        for request in tqdm(requests, desc="astrea loglikelihood", disable=self.rank != 0):
-            context, continuation = request.args[0], request.args[1]
-            doc = self._doc(request)
-            if callable(continuation):  # `output_type: loglikelihood` passes the task's doc_to_target
-                continuation = continuation(doc)
-            continuation = continuation[0] if isinstance(continuation, list) else str(continuation)
-            visuals = self._visuals(request)
-            batch = self._inputs([self._prompt(context, len(visuals))], visuals)
-            target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], device=self.device)
-            if target.numel() == 0:
-                raise ValueError(f"astrea: the continuation {continuation!r} has no tokens")
-            prompt_length = batch["input_ids"].shape[1]
-            batch["input_ids"] = torch.cat([batch["input_ids"], target[None]], dim=1)
-            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(target)[None]], dim=1)
-            logits = self.model(**batch).logits[0, prompt_length - 1 : -1].float()  # the continuation's predictions
-            log_probs = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-            results.append((float(log_probs.sum()), bool((logits.argmax(-1) == target).all())))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.args[0], *request.args[3:6]), []).append(index)
+        for indices in tqdm(groups.values(), desc="astrea loglikelihood", disable=self.rank != 0):
+            first = requests[indices[0]]
+            visuals = self._visuals(first)
+            prompt = self._inputs([self._prompt(first.args[0], len(visuals))], visuals)
+            prompt_ids, prompt_mask = prompt.pop("input_ids"), prompt.pop("attention_mask")
+            encoded = {}
+            if visuals:  # the experts, the router and the adapters, once for every continuation of this prompt
+                features = self.model.get_image_features(
+                    **prompt, prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask
+                )
+                encoded["image"] = features
+            for index in indices:
+                continuation = requests[index].args[1]
+                if callable(continuation):  # `output_type: loglikelihood` passes the task's doc_to_target
+                    continuation = continuation(self._doc(requests[index]))
+                continuation = continuation[0] if isinstance(continuation, list) else str(continuation)
+                target = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                if target.numel() == 0:
+                    raise ValueError(f"astrea: the continuation {continuation!r} has no tokens")
+                target = target.to(self.device)
+                output = self.model(
+                    input_ids=torch.cat([prompt_ids, target], dim=1),
+                    attention_mask=torch.cat([prompt_mask, torch.ones_like(target)], dim=1),
+                    mm_encoder_outputs=encoded,
+                )
+                logits = output.logits[0, prompt_ids.shape[1] - 1 : -1].float()  # the continuation's predictions
+                log_probs = logits.log_softmax(-1).gather(-1, target[0, :, None]).squeeze(-1)
+                results[index] = (float(log_probs.sum()), bool((logits.argmax(-1) == target[0]).all()))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -13,6 +13,7 @@ Retrieval rows are left out: lmms-eval has no embedding-retrieval task type.
 This module does not import lmms-eval; `astrea.evaluation.lmms_model` holds the model class it runs.
 """
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -139,12 +140,14 @@ def write_lmms_tasks(data: str | Path, output: str | Path, name: str = "astrea_s
         task_name = f"{name}_{task}"
         with open(folder / f"{task_name}.jsonl", "w") as file:
             for row in task_rows:
-                if not isinstance(row["image"], str):  # a datasets folder's decoded image: store it beside
-                    path = folder / "images" / f"{row['id']}.png"
-                    path.parent.mkdir(exist_ok=True)
-                    row["image"].convert("RGB").save(path)
-                    # rows of one image keep one identity (MME's acc+), as astrea-eval hashes the pixels
-                    row = {**row, "image": str(path), "image_id": image_identity(row)}
+                if not isinstance(row["image"], str):  # a datasets folder's decoded image: stored once, beside
+                    identity = image_identity(row)  # the pixels' hash unless the row names its image_id
+                    path = folder / "images" / f"{hashlib.sha1(identity.encode()).hexdigest()}.png"
+                    if not path.exists():
+                        path.parent.mkdir(exist_ok=True)
+                        row["image"].convert("RGB").save(path)
+                    # rows of one image keep one identity (MME's acc+), as in astrea-eval
+                    row = {**row, "image": str(path), "image_id": identity}
                 file.write(json.dumps({**row, "image": str(Path(row["image"]).resolve())}) + "\n")
         (folder / f"{task_name}.yaml").write_text(_task_yaml(task_name, task))
         written[task_name] = len(task_rows)

@@ -146,7 +146,12 @@ def test_loglikelihood_is_the_continuations_log_probability(workspace):
     image = Image.new("RGB", (40, 30), "red")
     lmm.task_dict = {"t": {"test": [{"image": image}]}}
     visual = lambda doc: [doc["image"]]  # noqa: E731
-    ((log_prob, greedy),) = lmm.loglikelihood([Request("What colour is it?", " red", visual, 0, "t", "test")])
+    calls = []  # the experts run once for the three options of one question
+    hook = lmm.model.model.experts["caption"].register_forward_hook(lambda *_: calls.append(1))
+    options = [Request("What colour is it?", option, visual, 0, "t", "test") for option in (" red", " blue", " red")]
+    (log_prob, greedy), blue, again = lmm.loglikelihood(options)
+    hook.remove()
+    assert len(calls) == 1 and again == (log_prob, greedy) and blue[0] != log_prob
 
     processor, model = lmm.processor, lmm.model
     prompt = processor.apply_chat_template(
@@ -183,3 +188,22 @@ def test_loglikelihood_is_the_continuations_log_probability(workspace):
     assert long.split(stop)[0].strip() != long.strip()
     with pytest.raises(ValueError, match=r"unknown --model_args \['colour'\]"):
         Astrea(pretrained=str(workspace / "model"), colour="blue")
+
+
+def test_a_datasets_folder_becomes_tasks_with_each_image_stored_once(tmp_path):
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
+    base = {"task": "yes_no", "question": "Is it red?", "options": None}
+    rows = [
+        {**base, "id": "a", "image": red, "answers": ["yes"]},
+        {**base, "id": "b", "image": red, "answers": ["no"]},
+        {**base, "id": "c", "image": blue, "answers": ["no"]},
+    ]
+    DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "folder"))
+    lmms_tasks.write_lmms_tasks(tmp_path / "folder", tmp_path / "tasks", "from_ds")
+    written = [json.loads(line) for line in (tmp_path / "tasks/from_ds/from_ds_yes_no.jsonl").read_text().splitlines()]
+    assert len(list((tmp_path / "tasks/from_ds/images").iterdir())) == 2
+    assert written[0]["image"] == written[1]["image"] != written[2]["image"]
+    assert written[0]["image_id"] == written[1]["image_id"] != written[2]["image_id"]  # acc+ groups by image
