@@ -20,8 +20,8 @@ The paper gives no numbers for N, m, tau, lambda, mu, gamma or p; the defaults b
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.grounding_dino import GroundingDinoConfig
 from transformers.models.sam2 import Sam2VisionConfig
 from transformers.models.siglip import SiglipVisionConfig
@@ -29,6 +29,28 @@ from transformers.models.siglip import SiglipVisionConfig
 #: The four experts, coarse to fine. Their order is fixed: router columns, checkpoints and the
 #: pre-alignment schedule all index experts by position in this tuple.
 EXPERT_NAMES: tuple[str, ...] = ("caption", "classification", "detection", "segmentation")
+
+
+def build_sub_configs(config: PreTrainedConfig) -> None:
+    """Turn each sub-config field of `config` that is a dict or None into its config object, from the class's
+    `sub_config_defaults`: {field: (config class, or a model_type string for any registered config, default kwargs)}.
+
+    transformers 5.20 added `SubConfigSpec` for this; doing it here keeps the config loadable by the transformers
+    releases before it too (vLLM 0.32 pins transformers < 5.20; see docs/serving.md)."""
+    for key, (kind, defaults) in config.sub_config_defaults.items():
+        value = getattr(config, key)
+        if isinstance(value, PreTrainedConfig):
+            continue
+        kwargs = dict(defaults) if value is None else dict(value)
+        if isinstance(kind, str):  # any config registered under its model_type, `kind` when the dict names none
+            model_type = kwargs.pop("model_type", kind)
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"{type(config).__name__}: {key} has an unknown model_type {model_type!r}.")
+            value = CONFIG_MAPPING[model_type](**kwargs)
+        else:
+            kwargs.pop("model_type", None)
+            value = kind(**kwargs)
+        setattr(config, key, value)
 
 
 def swin_output_width(swin_config) -> int:
@@ -59,20 +81,14 @@ class AstreaTaggerConfig(PreTrainedConfig):
     """
 
     model_type = "astrea_tagger"
-    sub_configs_defaults: ClassVar = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="swin",
-            init_kwargs={
-                "image_size": 384,
-                "patch_size": 4,
-                "embed_dim": 192,
-                "depths": [2, 2, 18, 2],
-                "num_heads": [6, 12, 24, 48],
-                "window_size": 12,
-            },
+    sub_config_defaults: ClassVar = {  # see build_sub_configs
+        "vision_config": (
+            "swin",
+            {"image_size": 384, "patch_size": 4, "embed_dim": 192, "depths": [2, 2, 18, 2],
+             "num_heads": [6, 12, 24, 48], "window_size": 12},
         )
     }
+    sub_configs: ClassVar = {"vision_config": PreTrainedConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     vision_width: int = 1536
@@ -91,6 +107,7 @@ class AstreaTaggerConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        build_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_sizes()
 
@@ -170,24 +187,20 @@ class AstreaConfig(PreTrainedConfig):
     """
 
     model_type = "astrea"
-    sub_configs_defaults: ClassVar = {
+    sub_config_defaults: ClassVar = {  # see build_sub_configs
         # Llama with one extra token for the image placeholder (Vicuna-1.5's 32000 + `<image>`)
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32001}),
-        "caption_config": SubConfigSpec(
-            config_class=SiglipVisionConfig,
-            init_kwargs={  # SigLIP ViT-SO400M/14@384
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_hidden_layers": 27,
-                "num_attention_heads": 16,
-                "image_size": 384,
-                "patch_size": 14,
-            },
+        "text_config": ("llama", {"vocab_size": 32001}),
+        # SigLIP ViT-SO400M/14@384
+        "caption_config": (
+            SiglipVisionConfig,
+            {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+             "image_size": 384, "patch_size": 14},
         ),
-        "classification_config": AstreaTaggerConfig,
-        "detection_config": GroundingDinoConfig,
-        "segmentation_config": Sam2VisionConfig,
+        "classification_config": (AstreaTaggerConfig, {}),
+        "detection_config": (GroundingDinoConfig, {}),
+        "segmentation_config": (Sam2VisionConfig, {}),
     }
+    sub_configs: ClassVar = dict.fromkeys(sub_config_defaults, PreTrainedConfig)
 
     text_config: dict | PreTrainedConfig | None = None
     caption_config: dict | PreTrainedConfig | None = None
@@ -229,6 +242,7 @@ class AstreaConfig(PreTrainedConfig):
         unknown = [name for name in self.residual_experts if name not in EXPERT_NAMES]
         if unknown:
             raise ValueError(f"AstreaConfig: residual_experts holds {unknown[0]!r}; experts are {EXPERT_NAMES}.")
+        build_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_sizes()
 

@@ -17,7 +17,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_astrea import EXPERT_NAMES, AstreaConfig
 from .modeling_astrea_tagger import AstreaTaggerModel
@@ -142,16 +142,26 @@ def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 class AstreaCaptionExpert(nn.Module):
-    """SigLIP vision tower: the patch tokens of its last layer (27x27 for SO400M/14@384)."""
+    """SigLIP vision tower: the patch tokens of its last layer (27x27 for SO400M/14@384).
+
+    SigLIP's attention-pooling head stays in the module (checkpoints hold it) but never runs: Astrea reads the patch
+    tokens, and the head's `nn.MultiheadAttention` reads its weights directly, which breaks in serving engines that
+    replace every `nn.Linear` (vLLM; docs/serving.md)."""
 
     def __init__(self, config):
         super().__init__()
         self.model = AutoModel.from_config(config)
+        skip_pooling_head(self.model)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tokens = self.model(pixel_values=pixel_values).last_hidden_state  # [N, h*w, C]
         patch = self.model.config.patch_size
         return tokens_to_grid(tokens, pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+
+
+def skip_pooling_head(siglip) -> None:
+    """Have a `SiglipVisionModel` return its patch tokens without running its pooling head."""
+    siglip.use_head = False
 
 
 class AstreaClassificationExpert(nn.Module):
@@ -454,6 +464,9 @@ class AstreaPreTrainedModel(PreTrainedModel):
 class AstreaModel(AstreaPreTrainedModel):
     """Experts, projectors, router, adapters and the LLM (no LM head)."""
 
+    # a checkpoint of the whole model also holds the MoCo head, a training-only part the base model does without
+    _keys_to_ignore_on_load_unexpected = [r"^moco\."]
+
     def __init__(self, config: AstreaConfig):
         super().__init__(config)
         hidden = config.text_config.hidden_size
@@ -665,6 +678,7 @@ class AstreaModel(AstreaPreTrainedModel):
             features = self.residual_attention[current](features, cached)  # f'_k
         return AstreaImageFeatures(pooler_output=features)
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor | None = None,
@@ -731,6 +745,7 @@ class AstreaModel(AstreaPreTrainedModel):
             )
         return mask
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -838,6 +853,15 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with remote code on, `auto_map` also names the base model
+        (`AutoModel`), which transformers writes only for the class being saved and which vLLM's Transformers
+        backend loads (docs/serving.md)."""
+        if self._auto_class is not None:
+            base = f"{AstreaModel.__module__.split('.')[-1]}.{AstreaModel.__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`; a bitsandbytes `quantization_config` gets `NOT_QUANTIZED` added to
@@ -936,6 +960,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             model = cls(config)
         for name, part in parts.items():
             model.model.experts[name].model = part
+        skip_pooling_head(parts["caption"])
         model.model.language_model = language.base_model
         model.lm_head = language.get_output_embeddings()
         # the new modules: give them memory and initialise them, children before parents (MoCo copies its head)
@@ -1014,6 +1039,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         embeds = self.get_input_embeddings()(input_ids) * mask.unsqueeze(-1)
         return self.moco.embed_texts(embeds.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -199,12 +199,26 @@ class AstreaImageProcessor(PilBackend):
             raise ValueError("No images given.")
         return super().preprocess(images, *args, **kwargs)
 
+    @staticmethod
+    def tile_grid(height: int, width: int, pinpoints: list[list[int]], tile: int) -> tuple[int, int]:
+        """(rows, columns) of tiles that anyres cuts a height x width image into (besides the whole image)."""
+        best_height, best_width = select_best_resolution((height, width), pinpoints)
+        return best_height // tile, best_width // tile
+
+    def num_tiles(self, height: int, width: int, do_anyres: bool | None = None, **kwargs) -> int:
+        """How many expert inputs a height x width image becomes: 1, or with anyres the whole image and its tiles.
+        Keyword arguments override the processor's own settings, as in `preprocess`."""
+        if not (self.do_anyres if do_anyres is None else do_anyres):
+            return 1
+        pinpoints = kwargs.get("image_grid_pinpoints") or self.image_grid_pinpoints
+        rows, cols = self.tile_grid(height, width, pinpoints, kwargs.get("anyres_tile_size") or self.anyres_tile_size)
+        return 1 + rows * cols
+
     def _tiles(self, image: np.ndarray, pinpoints: list[list[int]], tile: int) -> list[np.ndarray]:
         """The whole image, then the tiles of the best-fitting pinpoint resolution (channels-first arrays)."""
         height, width = image.shape[-2:]
-        best_height, best_width = select_best_resolution((height, width), pinpoints)
         # cut the image into the pinpoint's grid of tiles, in the image's own pixels
-        rows, cols = best_height // tile, best_width // tile
+        rows, cols = self.tile_grid(height, width, pinpoints, tile)
         edges_y = np.linspace(0, height, rows + 1).round().astype(int)
         edges_x = np.linspace(0, width, cols + 1).round().astype(int)
         tiles = [image]

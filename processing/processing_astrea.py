@@ -13,7 +13,7 @@ This file imports only transformers and NumPy, so it also works as remote code n
 import re
 
 import numpy as np
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_processing_astrea import flatten_images, load_rgb_image
 
@@ -170,6 +170,15 @@ class AstreaProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         tiles = int(image_inputs["num_tiles"][image_idx])
         return self.image_token * (self.num_image_tokens * tiles)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """For serving engines (vLLM): per (height, width) image, its image tokens and its rows of expert inputs
+        (1, or with anyres the whole image and its tiles), without processing any pixels."""
+        if image_sizes is None:
+            return MultiModalData()
+        options = {k: v for k, v in kwargs.items() if k in ("do_anyres", "image_grid_pinpoints", "anyres_tile_size")}
+        tiles = [self.image_processor.num_tiles(int(h), int(w), **options) for h, w in image_sizes]
+        return MultiModalData(num_image_tokens=[self.num_image_tokens * t for t in tiles], num_image_patches=tiles)
 
     def _check_text(self, text) -> list[str]:
         texts = [text] if isinstance(text, str) else text

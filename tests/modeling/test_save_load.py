@@ -31,6 +31,7 @@ def test_save_and_load_give_identical_logits(tiny_model, tiny_config, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_astrea.AstreaConfig",
+        "AutoModel": "modeling_astrea.AstreaModel",  # the base model, which vLLM's Transformers backend loads
         "AutoModelForImageTextToText": "modeling_astrea.AstreaForConditionalGeneration",
     }
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
