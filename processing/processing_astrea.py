@@ -31,7 +31,11 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% elif part['type'] == 'text' %}"
+    # a placeholder typed into a text part would stand for an image nobody attached (serving: an HTTP 400)
+    "{% if '<image>' in part['text'] or '<video>' in part['text'] %}{{ raise_exception('A text part of the message "
+    "holds an image or video placeholder (<image>, <video>): attach each image or video as its own part instead.') }}"
+    "{% endif %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endif %}{% endfor %}"

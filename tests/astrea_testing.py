@@ -55,3 +55,27 @@ class Block:
             raise ModuleNotFoundError(f"{name} is blocked: this process must not see the package")
 sys.meta_path.insert(0, Block())
 """
+
+
+#: A tiny Astrea that vLLM's CPU attention can serve: its LLM's heads are 32 wide (the shipped tiny config's are 8)
+SERVABLE_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def save_servable_tiny(folder: Path, seed: int = 0, scale: float = 4.0) -> Path:
+    """A seeded random tiny Astrea (all four experts) with 32-wide attention heads, and the shipped processor, saved
+    to `folder`. Its weights are scaled up by `scale`: at the default initialisation a random model answers every
+    image with the same tokens, which would make a token comparison say nothing."""
+    from transformers import AutoProcessor
+
+    from modeling_astrea import AstreaForConditionalGeneration
+
+    config = AstreaConfig.from_pretrained(TINY).to_dict()
+    config["text_config"].update(SERVABLE_TEXT)
+    torch.manual_seed(seed)
+    model = AstreaForConditionalGeneration(AstreaConfig.from_dict(config)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(TINY).save_pretrained(folder)
+    return folder
