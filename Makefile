@@ -31,13 +31,14 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# vLLM with torch held at 2.13.0; the CUDA-built torchvision/torchaudio/torchcodec it pulls in cannot work beside
+# vLLM with torch held at 2.13.0, and Astrea's vLLM plugin (serving/vllm_plugin); the CUDA-built torchvision/torchaudio/torchcodec it pulls in cannot work beside
 # this torch and nothing here uses them
-$(SERVE_STAMP): constraints.txt
+$(SERVE_STAMP): constraints.txt serving/vllm_plugin/pyproject.toml serving/vllm_plugin/astrea_vllm_plugin.py
 	python3 -m venv $(SERVE_VENV)
 	$(SERVE_PY) -m pip install -q --upgrade pip
 	$(SERVE_PY) -m pip install -q -c constraints.txt torch==2.13.0 $(VLLM_PACKAGE)
 	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_PY) -m pip install -q --no-deps ./serving/vllm_plugin  # keeps the experts whole under tensor parallel
 	touch $(SERVE_STAMP)
 
 install-serve: $(SERVE_STAMP)

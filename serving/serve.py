@@ -73,6 +73,30 @@ def check_head_size(config: dict) -> None:
         )
 
 
+def check_plugin(tensor_parallel_size: int) -> None:
+    """Tensor parallelism needs Astrea's vLLM plugin, which keeps the experts whole (serving/vllm_plugin)."""
+    from importlib.metadata import entry_points
+
+    if tensor_parallel_size > 1 and "astrea" not in {e.name for e in entry_points(group="vllm.general_plugins")}:
+        raise SystemExit(
+            "Tensor parallelism needs Astrea's vLLM plugin, which keeps the vision experts whole on every rank: "
+            "pip install serving/vllm_plugin (make install-serve does)."
+        )
+
+
+def bind_cpu_threads(tensor_parallel_size: int) -> None:
+    """On the CPU, vLLM binds each tensor-parallel worker's threads to a NUMA node and refuses more workers than
+    nodes; give each worker its own share of this process's cores instead (`VLLM_CPU_OMP_THREADS_BIND`, unless set)."""
+    if tensor_parallel_size < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise SystemExit(f"Tensor parallel {tensor_parallel_size} needs as many CPU cores; there are {len(cores)}.")
+    share = len(cores) // tensor_parallel_size
+    groups = [cores[i * share : (i + 1) * share] for i in range(tensor_parallel_size)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
+
+
 def example_image(path: Path) -> Path:
     """A red circle and a blue square on white, for the printed curl request."""
     from PIL import Image, ImageDraw
@@ -110,6 +134,8 @@ def main(argv=None) -> None:
     folder = Path(args.model).resolve()
     config = check_folder(folder)
     check_head_size(config)
+    check_plugin(args.tensor_parallel_size)
+    bind_cpu_threads(args.tensor_parallel_size)
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # vLLM's internal messaging stays on the loopback
     cache = tempfile.mkdtemp(prefix="astrea-serve-")
     os.environ.setdefault("HF_HOME", cache)

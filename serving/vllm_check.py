@@ -132,6 +132,13 @@ def _until(ids: list[int], stop: set[int]) -> list[int]:
 
 def offline(args) -> int:
     quiet_environment()
+    if args.tensor_parallel_size > 1:
+        import torch
+        from serve import bind_cpu_threads, check_plugin  # serving/serve.py, beside this file
+
+        check_plugin(args.tensor_parallel_size)
+        if not torch.cuda.is_available():
+            bind_cpu_threads(args.tensor_parallel_size)
     from PIL import Image
     from vllm import LLM, SamplingParams
 

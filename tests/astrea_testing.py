@@ -59,6 +59,7 @@ sys.meta_path.insert(0, Block())
 
 #: A tiny Astrea that vLLM's CPU attention can serve: its LLM's heads are 32 wide (the shipped tiny config's are 8)
 SERVABLE_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+SERVABLE_TEXT["head_dim"] = 32
 
 
 def save_servable_tiny(folder: Path, seed: int = 0, scale: float = 4.0) -> Path:

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,12 @@ import yaml
 from astrea_testing import REPO, save_servable_tiny
 from PIL import Image
 
+sys.path.insert(0, str(REPO / "serving"))
+from launch import SERVE_PYTHON, running_server, serving_env  # noqa: E402
+
 pytestmark = pytest.mark.serve
 
-SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 CHECK = REPO / "serving" / "vllm_check.py"
-SERVE = REPO / "serving" / "serve.py"
 ARCHITECTURE = "TransformersMultiModalForCausalLM"  # vLLM's Transformers backend, multimodal (not text-only)
 
 
@@ -35,10 +35,6 @@ ARCHITECTURE = "TransformersMultiModalForCausalLM"  # vLLM's Transformers backen
 def serving_environment():
     if not SERVE_PYTHON.exists():
         pytest.fail(f"{SERVE_PYTHON} is missing: run `make install-serve` (make test-serve does).")
-
-
-def serving_env(tmp: Path) -> dict:
-    return {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HOME": str(tmp), "VLLM_CACHE_ROOT": str(tmp)}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +88,8 @@ def test_offline_generation_gives_generate_tokens(model_dir, requests_file, tmp_
 
 
 def test_tensor_parallel_2_gives_generate_tokens(model_dir, requests_file, tmp_path):
+    """Two ranks on the two CPU cores: the LLM split by heads, the experts whole on each rank (serving/vllm_plugin;
+    without it vLLM splits the experts' attention too, and the tagger's Swin fails)."""
     code, result, log = run_check(
         "offline", "--model", model_dir, "--requests", requests_file, "--tensor-parallel-size", "2", tmp=tmp_path
     )
@@ -99,41 +97,11 @@ def test_tensor_parallel_2_gives_generate_tokens(model_dir, requests_file, tmp_p
     assert_identical(result, log, requests=7)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def server(model_dir):
     """`serving/serve.py` on the servable tiny model; yields (url, the launcher's printed output)."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = tmp / "server.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [str(SERVE_PYTHON), str(SERVE), "--model", str(model_dir), "--port", str(port), "--", "--enforce-eager",
-             "--dtype", "float32"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=serving_env(tmp),
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 420
-    try:
-        while "Application startup complete." not in log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield url, log.read_text()
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+    with running_server(model_dir, "--enforce-eager", "--dtype", "float32") as started:
+        yield started
 
 
 def test_server_answers_like_generate(server, model_dir, requests_file, tmp_path):
