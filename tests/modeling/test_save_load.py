@@ -73,3 +73,36 @@ def test_remote_code_loads_without_the_package(tiny_model, tiny_config, tmp_path
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK AstreaForConditionalGeneration" in result.stdout
+
+
+def test_return_dict_false_gives_tuples_in_the_documented_order(tiny_model, tiny_config):
+    """As transformers' own models do (and vLLM's Transformers backend calls the base model this way)."""
+    batch = inputs(tiny_config)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_config.image_token_id, -100)
+    with torch.no_grad():
+        full = tiny_model(**batch, labels=labels, use_cache=False)
+        flat = tiny_model(**batch, labels=labels, use_cache=False, return_dict=False)
+        base = tiny_model.model(**batch)
+        base_flat = tiny_model.model(**batch, return_dict=False)
+        features = tiny_model.get_image_features(**random_pixels(tiny_config, 2))
+        features_flat = tiny_model.get_image_features(**random_pixels(tiny_config, 2), return_dict=False)
+    assert isinstance(flat, tuple) and isinstance(base_flat, tuple) and isinstance(features_flat, tuple)
+    assert len(flat) == len(full.to_tuple())
+    for got, want in zip(flat, full.to_tuple(), strict=True):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want)
+    torch.testing.assert_close(flat[0], full.loss)  # loss, loss_reg, loss_moco, logits, ...
+    torch.testing.assert_close(base_flat[0], base.last_hidden_state)
+    torch.testing.assert_close(features_flat[0], features.pooler_output)  # [images, tokens, hidden]
+    assert features_flat[0].shape == (2, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
+
+
+def test_the_base_model_loads_from_a_whole_model_folder_without_the_moco_weights(tiny_model, tmp_path):
+    from transformers import AutoModel
+
+    tiny_model.save_pretrained(tmp_path)
+    base, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(base).__name__ == "AstreaModel"
+    assert not [key for key in info["unexpected_keys"] if key.startswith("moco.")]
+    assert not info["missing_keys"]
+    torch.testing.assert_close(base.router.weight, tiny_model.model.router.weight)

@@ -69,3 +69,13 @@ def test_save_and_reload_keep_everything(processor, tmp_path):
     assert again.num_image_tokens == processor.num_image_tokens
     assert again.chat_template == processor.chat_template
     assert again.image_processor.expert_sizes == processor.image_processor.expert_sizes
+
+
+def test_a_placeholder_typed_into_a_text_part_is_refused(processor):
+    """With images as their own message parts, an `<image>` written into the text would stand for an image nobody
+    attached (a served request gets an HTTP 400 from this); LLaVA-style string content keeps its placeholder."""
+    with pytest.raises(Exception, match="placeholder"):
+        text_part = {"type": "text", "text": "<image>\nWhat is it?"}
+        processor.apply_chat_template([{"role": "user", "content": [text_part]}], add_generation_prompt=True)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}])
+    assert prompt.count("<image>") == 1

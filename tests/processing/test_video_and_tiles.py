@@ -64,3 +64,19 @@ def test_anyres_adds_tiles_and_placeholders(tiny_config, tiny_model):
     assert "num_tiles" not in out
     logits = tiny_model(**out).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("do_anyres", [False, True])
+def test_token_and_row_counts_without_pixels_match_the_processor(tiny_config, do_anyres):
+    """`_get_num_multimodal_tokens` (what vLLM asks to size and split its inputs) agrees with what the processor
+    actually makes, image by image, with and without anyres tiles."""
+    base = AutoProcessor.from_pretrained(TINY)
+    image_processor = AstreaImageProcessor.from_model_config(tiny_config, detection_size=64, do_anyres=do_anyres)
+    processor = AstreaProcessor(image_processor, base.tokenizer, num_image_tokens=tiny_config.num_image_tokens)
+    sizes = [(30, 64), (64, 30), (50, 50), (20, 90)]  # (height, width)
+    counted = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    for (height, width), tokens, rows in zip(sizes, counted.num_image_tokens, counted.num_image_patches, strict=True):
+        out = processor(images=[PIL.Image.new("RGB", (width, height))], text=["<image> q"], return_tensors="pt")
+        assert out["pixel_values"].shape[0] == rows
+        assert (out["input_ids"] == processor.image_token_id).sum() == tokens == rows * tiny_config.num_image_tokens
+    assert (max(counted.num_image_patches) > 1) == do_anyres
