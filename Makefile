@@ -73,7 +73,7 @@ test-browser: install
 # vLLM against generate(): token-identical answers offline, through the server and with tensor parallel 2, bad
 # requests refused, a trained model's accuracy the same both ways
 test-serve: install install-serve
-	$(PY) -m pytest -q -m serve tests/serving
+	ASTREA_SERVE_PYTHON=$(SERVE_PY) $(PY) -m pytest -q -m serve tests/serving
 
 # Performance figures P1-P8 side by side (CUDA when present): benchmarks/results.json and results.md; and S1,
 # serving through vLLM against generate(), when the serving environment is installed (make install-serve)
@@ -82,7 +82,7 @@ bench: install
 	if [ -f $(SERVE_STAMP) ]; then $(MAKE) bench-serve; else echo "S1 skipped: make install-serve first"; fi
 
 bench-serve: install install-serve
-	$(PY) benchmarks/serve.py
+	ASTREA_SERVE_PYTHON=$(SERVE_PY) $(PY) benchmarks/serve.py
 
 # The paper's ablations (Tables 3, 4, 6), 3 seeds each: outputs/ablations/table.md and table.csv (~1 h on 2 cores)
 ablations: install

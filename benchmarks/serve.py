@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "serving"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from launch import SERVE_PYTHON, running_server, serving_env  # noqa: E402
+from serve import check_folder, check_head_size  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,10 +37,12 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="astrea-bench-serve-"))
     model = Path(args.model)
-    if not (model / "config.json").is_file():
+    try:
+        check_head_size(check_folder(model))
+    except SystemExit as refusal:
         from astrea_testing import save_servable_tiny
 
-        print(f"{model} has no model: benchmarking a random servable tiny Astrea instead (make demo trains one)")
+        print(f"Not serving {model} ({refusal}); benchmarking a random servable tiny Astrea instead")
         model = save_servable_tiny(work / "model")
     subprocess.run(
         [sys.executable, "-m", "astrea.evaluation.cli", "synthetic", "--output", str(work / "bench"), "--num-images",

@@ -786,6 +786,7 @@ class AstreaModel(AstreaPreTrainedModel):
         # 3. image features (once per image; generate() encodes at prefill and passes mm_encoder_outputs)
         if mm_encoder_outputs.get("image") is None and (has_pixels or expert_features is not None):
             mm_encoder_outputs["image"] = self.get_image_features(
+                return_dict=True,
                 pixel_values=pixel_values,
                 classification_pixel_values=classification_pixel_values,
                 detection_pixel_values=detection_pixel_values,
@@ -817,6 +818,7 @@ class AstreaModel(AstreaPreTrainedModel):
 
         # 5. language model
         outputs = self.language_model(
+            return_dict=True,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -1009,7 +1011,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
 
     def get_image_embeddings(self, **image_inputs) -> torch.Tensor:
         """L2-normalised image embeddings from the MoCo head (for retrieval): [num_images, moco_embed_dim]."""
-        fused = self.get_image_features(**image_inputs).pooler_output
+        fused = self.get_image_features(**image_inputs, return_dict=True).pooler_output
         return self.moco.embed_images(fused.mean(dim=1))
 
     @torch.no_grad()
@@ -1027,6 +1029,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             input_ids = inputs if inputs is not None else kwargs.get("input_ids")
             pixels = {name: kwargs.pop(name) for name in pixel_names if name in kwargs}
             features = self.model.get_image_features(
+                return_dict=True,
                 **pixels, prompt_input_ids=input_ids, prompt_attention_mask=kwargs.get("attention_mask")
             )
             kwargs["mm_encoder_outputs"] = {"image": features}
@@ -1064,6 +1067,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         if labels is not None and self.config.router_mode == "sample":
             kwargs.setdefault("router_prompt_mask", labels == -100)  # the sample router must not read the answer
         outputs = self.model(
+            return_dict=True,
             input_ids=input_ids,
             pixel_values=pixel_values,
             classification_pixel_values=classification_pixel_values,

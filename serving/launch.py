@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
+#: The serving environment's interpreter (`make install-serve`; the Makefile passes its SERVE_VENV's here)
+SERVE_PYTHON = Path(os.environ.get("ASTREA_SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 READY = "Application startup complete."
 
 

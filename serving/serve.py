@@ -13,6 +13,7 @@ server is `vllm serve DIR --trust-remote-code --model-impl transformers` (docs/s
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +90,10 @@ def bind_cpu_threads(tensor_parallel_size: int) -> None:
     nodes; give each worker its own share of this process's cores instead (`VLLM_CPU_OMP_THREADS_BIND`, unless set)."""
     if tensor_parallel_size < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
+    import torch
+
+    if torch.cuda.is_available():
+        return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < tensor_parallel_size:
         raise SystemExit(f"Tensor parallel {tensor_parallel_size} needs as many CPU cores; there are {len(cores)}.")
@@ -111,10 +116,12 @@ def example_image(path: Path) -> Path:
 
 
 def curl_example(host: str, port: int, model: str, image: Path) -> str:
+    """A shell command: the chat request's JSON in single quotes, the image's base64 spliced in by the shell."""
+    model_json = json.dumps(model).replace("'", "'\\''")
     body = (
-        '{"model": "' + model + '", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": ['
-        '{"type": "image_url", "image_url": {"url": "data:image/png;base64,\'"$(base64 -w0 ' + str(image) + ')"\'"}},'
-        ' {"type": "text", "text": "What colour is the circle?"}]}]}'
+        '{"model": ' + model_json + ', "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": ['
+        '{"type": "image_url", "image_url": {"url": "data:image/png;base64,\'"$(base64 -w0 ' + shlex.quote(str(image))
+        + ')"\'"}}, {"type": "text", "text": "What colour is the circle?"}]}]}'
     )
     return f"curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
@@ -130,6 +137,8 @@ def main(argv=None) -> None:
                         "the CPU: the share of RAM for weights and KV cache)")
     parser.add_argument("vllm_args", nargs="*", help="more options for vLLM's server, after --")
     args = parser.parse_args(argv)
+    if any(arg.startswith(("--tensor-parallel-size", "-tp")) for arg in args.vllm_args):
+        parser.error("give --tensor-parallel-size before --, so that it is checked (the plugin, the CPU cores)")
 
     folder = Path(args.model).resolve()
     config = check_folder(folder)

@@ -110,9 +110,7 @@ class Reference:
         with self.torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
-        tokenizer = self.processor.tokenizer
-        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-        return [[t for t in _until(ids, stop)] for ids in new]
+        return [_until(ids, {self.processor.tokenizer.eos_token_id}) for ids in new]
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -133,12 +131,10 @@ def _until(ids: list[int], stop: set[int]) -> list[int]:
 def offline(args) -> int:
     quiet_environment()
     if args.tensor_parallel_size > 1:
-        import torch
         from serve import bind_cpu_threads, check_plugin  # serving/serve.py, beside this file
 
         check_plugin(args.tensor_parallel_size)
-        if not torch.cuda.is_available():
-            bind_cpu_threads(args.tensor_parallel_size)
+        bind_cpu_threads(args.tensor_parallel_size)
     from PIL import Image
     from vllm import LLM, SamplingParams
 

@@ -106,3 +106,18 @@ def test_the_base_model_loads_from_a_whole_model_folder_without_the_moco_weights
     assert not [key for key in info["unexpected_keys"] if key.startswith("moco.")]
     assert not info["missing_keys"]
     torch.testing.assert_close(base.router.weight, tiny_model.model.router.weight)
+
+
+def test_a_config_that_asks_for_tuples_still_runs_inside(tiny_config):
+    """With `config.return_dict=False` the outer call returns a tuple; the calls inside still get outputs."""
+    tiny_config.return_dict = False
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(tiny_config).eval()
+    batch = inputs(tiny_config)
+    with torch.no_grad():
+        flat = model(**batch)
+        full = model(**batch, return_dict=True)
+        embeddings = model.get_image_embeddings(**random_pixels(tiny_config, 2))
+    assert isinstance(flat, tuple)
+    torch.testing.assert_close(flat[0], full.logits)
+    assert embeddings.shape == (2, tiny_config.moco_embed_dim)
