@@ -732,9 +732,20 @@ class AstreaModel(AstreaPreTrainedModel):
             return self.get_alignment_features(expert_features)
         return self.fuse_expert_features(expert_features)
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
-        """[B, T] mask of image placeholders, checked against the number of visual tokens to place."""
-        mask = input_ids == self.config.image_token_id
+    def get_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        image_features: torch.Tensor,
+        inputs_embeds: torch.FloatTensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T] mask of image placeholders, checked against the number of visual tokens to place. Without
+        `input_ids` the placeholders are the positions whose embedding is the image token's (as in transformers'
+        LLaVA models)."""
+        if input_ids is None:
+            image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            mask = (inputs_embeds == self.get_input_embeddings()(image_token).to(inputs_embeds.dtype)).all(dim=-1)
+        else:
+            mask = input_ids == self.config.image_token_id
         n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
         if n_tokens != n_features:
             per_image = self.config.num_image_tokens
@@ -808,9 +819,7 @@ class AstreaModel(AstreaPreTrainedModel):
                 image_features = torch.stack(list(image_features))
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # [N, P, D]
             router_probs = getattr(image_output, "router_probs", None)
-            if input_ids is None:
-                raise ValueError("Images need input_ids to find their placeholders; inputs_embeds alone has none.")
-            mask = self.get_placeholder_mask(input_ids, image_features)
+            mask = self.get_placeholder_mask(input_ids, image_features, inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
         elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
             n_tokens = int((input_ids == self.config.image_token_id).sum())

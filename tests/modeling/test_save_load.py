@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from astrea_testing import BLOCK_PACKAGE, prompt_ids, random_pixels
 from transformers import AutoConfig, AutoModelForImageTextToText
@@ -121,3 +122,18 @@ def test_a_config_that_asks_for_tuples_still_runs_inside(tiny_config):
     assert isinstance(flat, tuple)
     torch.testing.assert_close(flat[0], full.logits)
     assert embeddings.shape == (2, tiny_config.moco_embed_dim)
+
+
+def test_inputs_embeds_with_images_give_the_input_ids_logits(tiny_model, tiny_config):
+    """As transformers' LLaVA models: without input_ids the image positions are where the embedding is the image
+    token's."""
+    batch = inputs(tiny_config)
+    input_ids = batch.pop("input_ids")
+    embeds = tiny_model.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        from_ids = tiny_model(input_ids=input_ids, **batch).logits
+        from_embeds = tiny_model(inputs_embeds=embeds, **batch).logits
+        two_images = random_pixels(tiny_config, 2)
+        with pytest.raises(ValueError, match="2 images were given"):
+            tiny_model(inputs_embeds=embeds, **two_images)
+    torch.testing.assert_close(from_embeds, from_ids)
