@@ -350,7 +350,7 @@ class AstreaResidualAttention(nn.Module):
 
 
 class AstreaMoCo(nn.Module):
-    """Momentum contrast between images and their text (Sec. 3.2.1, as DESIGN.md reads Eq. 5-8).
+    """Momentum contrast between images and their text (Sec. 3.2.1, as docs/design.md reads Eq. 5-8).
 
     Queries: the online head on mean-pooled fused visual tokens. Keys: the momentum (EMA) copy of that head on
     the mean-pooled input embeddings of the paired target text, under no_grad. Negatives: the batch's other keys
