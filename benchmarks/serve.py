@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "serving"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from launch import SERVE_PYTHON, running_server, serving_env  # noqa: E402
+from launch import SERVE_PYTHON, running_server  # noqa: E402
 from serve import check_folder, check_head_size  # noqa: E402
 
 
@@ -57,7 +57,6 @@ def main(argv=None) -> int:
              "--requests", str(work / "bench" / "vqa.jsonl"), "--limit", str(args.requests), "--concurrency",
              str(args.concurrency), "--output", str(result_file)],
             check=True,
-            env=serving_env(work),
         )
     result = {"id": "S1", "model": str(model), **json.loads(result_file.read_text())}
     Path(args.output).write_text(json.dumps(result, indent=1))

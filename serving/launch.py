@@ -22,16 +22,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serving_env(cache: str | Path) -> dict:
-    """vLLM's messaging on the loopback and its caches under `cache`."""
-    return {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HOME": str(cache), "VLLM_CACHE_ROOT": str(cache)}
-
-
 @contextlib.contextmanager
 def running_server(model: str | Path, *vllm_args: str, timeout: float = 420, log: Path | None = None):
-    """Yields (url, what the launcher printed so far); stops the server (its whole process group) on exit."""
-    cache = tempfile.mkdtemp(prefix="astrea-serve-")
-    log = log or Path(cache) / "server.log"
+    """Yields (url, what the launcher printed so far); stops the server (its whole process group) on exit. serve.py
+    keeps vLLM's messaging on the loopback and its caches in a temporary folder."""
+    log = log or Path(tempfile.mkdtemp(prefix="astrea-serve-log-")) / "server.log"
     port = free_port()
     command = [str(SERVE_PYTHON), str(REPO / "serving" / "serve.py"), "--model", str(model), "--port", str(port)]
     with open(log, "w") as sink:
@@ -39,7 +34,6 @@ def running_server(model: str | Path, *vllm_args: str, timeout: float = 420, log
             [*command, "--", *vllm_args],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=serving_env(cache),
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout

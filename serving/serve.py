@@ -102,6 +102,15 @@ def bind_cpu_threads(tensor_parallel_size: int) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
 
 
+def quiet_environment() -> Path:
+    """vLLM's internal messaging on the loopback, its caches in a new temporary folder (returned), unless set."""
+    cache = Path(tempfile.mkdtemp(prefix="astrea-serve-"))
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("HF_HOME", str(cache))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
+    return cache
+
+
 def example_image(path: Path) -> Path:
     """A red circle and a blue square on white, for the printed curl request."""
     from PIL import Image, ImageDraw
@@ -145,12 +154,7 @@ def main(argv=None) -> None:
     check_head_size(config)
     check_plugin(args.tensor_parallel_size)
     bind_cpu_threads(args.tensor_parallel_size)
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # vLLM's internal messaging stays on the loopback
-    cache = tempfile.mkdtemp(prefix="astrea-serve-")
-    os.environ.setdefault("HF_HOME", cache)
-    os.environ.setdefault("VLLM_CACHE_ROOT", cache)
-
-    image = example_image(Path(cache) / "example.png")
+    image = example_image(quiet_environment() / "example.png")
     print(f"Serving {folder} on http://{args.host}:{args.port} as soon as vLLM reports that its application started.")
     print("Ask it about an image (base64 data URL) with:\n")
     print(curl_example(args.host, args.port, str(folder), image) + "\n", flush=True)

@@ -20,13 +20,14 @@ the model folder's own remote code is what runs, on both sides.
 import argparse
 import base64
 import json
-import os
+import mimetypes
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib import error, request
+
+from serve import bind_cpu_threads, check_plugin, quiet_environment  # serving/serve.py, beside this file
 
 MAX_NEW_TOKENS = 8
 
@@ -69,15 +70,8 @@ def messages(row: dict, image_parts: list[dict] | None = None) -> list[dict]:
 
 
 def data_url(path: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def quiet_environment() -> None:
-    """vLLM's messaging on the loopback, its caches in a temporary folder (nothing written to ~)."""
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    cache = tempfile.mkdtemp(prefix="astrea-vllm-")
-    os.environ.setdefault("HF_HOME", cache)
-    os.environ.setdefault("VLLM_CACHE_ROOT", cache)
+    media_type = mimetypes.guess_type(path)[0] or "image/png"
+    return f"data:{media_type};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 # --- transformers' generate() ------------------------------------------------------------------------------
@@ -130,11 +124,8 @@ def _until(ids: list[int], stop: set[int]) -> list[int]:
 
 def offline(args) -> int:
     quiet_environment()
-    if args.tensor_parallel_size > 1:
-        from serve import bind_cpu_threads, check_plugin  # serving/serve.py, beside this file
-
-        check_plugin(args.tensor_parallel_size)
-        bind_cpu_threads(args.tensor_parallel_size)
+    check_plugin(args.tensor_parallel_size)
+    bind_cpu_threads(args.tensor_parallel_size)
     from PIL import Image
     from vllm import LLM, SamplingParams
 

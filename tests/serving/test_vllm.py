@@ -24,7 +24,8 @@ from astrea_testing import REPO, save_servable_tiny
 from PIL import Image
 
 sys.path.insert(0, str(REPO / "serving"))
-from launch import SERVE_PYTHON, running_server, serving_env  # noqa: E402
+from launch import SERVE_PYTHON, running_server  # noqa: E402
+from vllm_check import post, served_model  # noqa: E402
 
 pytestmark = pytest.mark.serve
 
@@ -67,7 +68,6 @@ def run_check(*args, tmp: Path, timeout: int = 600) -> tuple[int, dict, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=serving_env(tmp),
         start_new_session=True,  # vLLM's engine and workers are its children: a timeout stops them all
     )
     try:
@@ -169,18 +169,10 @@ def test_the_printed_curl_request_is_answered(server):
 
 
 def chat(url: str, content: list[dict]) -> tuple[int, dict]:
-    from urllib import error, request
-
-    body = {"model": "m", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": content}]}
-    with request.urlopen(url + "/v1/models", timeout=30) as response:
-        body["model"] = json.loads(response.read())["data"][0]["id"]
-    headers = {"Content-Type": "application/json"}
-    post = request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), headers)
-    try:
-        with request.urlopen(post, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except error.HTTPError as failure:
-        return failure.code, json.loads(failure.read())
+    """(HTTP status, reply) of one chat request."""
+    body = {"model": served_model(url), "max_tokens": 4, "temperature": 0}
+    reply = post(url + "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": content}]})
+    return reply.get("status", 200), reply
 
 
 def image_part(data: bytes) -> dict:
