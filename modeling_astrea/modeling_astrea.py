@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_astrea import EXPERT_NAMES, AstreaConfig
@@ -61,15 +61,24 @@ PIXEL_INPUT_NAMES: dict[str, str] = {
 
 
 @dataclass
-class AstreaImageFeatures(ModelOutput):
+class AstreaImageFeatures(BaseModelOutputWithPooling):
     """
+    `get_image_features`' output, shaped like transformers' vision-language models' (`BaseModelOutputWithPooling`):
+    the vision side's own features in `last_hidden_state`, what replaces the image placeholders in `pooler_output`.
+
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_image_tokens, sum of the experts' widths)`):
+        the experts' features resampled to the visual-token grid, before projection, concatenated on the channel
+        axis in `EXPERT_NAMES` order (only the experts that ran: a pre-alignment stage's; with
+        `router_mode="sample"`, the global (caption) expert, the one that sees every image).
     pooler_output (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`): the fused visual
         tokens f of Eq. 10 that replace the image placeholders (the name is the one `generate()` looks for).
+    hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the same expert features one
+        tensor per expert, `(num_images, num_image_tokens, expert width)` each, in the order of `last_hidden_state`.
+    attentions: always None; the four experts have no common attention map (windowed, deformable, hierarchical).
     router_probs (`torch.FloatTensor` of shape `(num_images, num_image_tokens, num_experts)`): P of Eq. 9, with
         exactly `num_experts - router_top_k` zeros per token; columns in `EXPERT_NAMES` order.
     """
 
-    pooler_output: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
 
 
@@ -628,7 +637,8 @@ class AstreaModel(AstreaPreTrainedModel):
             }
             return self.get_expert_features(**subset, experts=(name,))[name]
 
-        caption = self.projectors["caption"](features("caption"))  # the global expert always runs: [N, P, D]
+        global_features = features("caption")  # the global expert always runs: [N, P, C]
+        caption = self.projectors["caption"](global_features)  # [N, P, D]
         if prompt is None:
             prompt = caption.new_zeros(caption.shape[0], caption.shape[-1])
         if prompt.shape[0] != caption.shape[0]:
@@ -650,7 +660,7 @@ class AstreaModel(AstreaPreTrainedModel):
             weight = probs[rows, index].to(projected.dtype)[:, None, None]
             fused = fused.index_add(0, rows, weight * self.adapters[name](projected))
         router_probs = probs[:, None, :].expand(-1, caption.shape[1], -1)
-        return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
+        return AstreaImageFeatures(last_hidden_state=global_features, pooler_output=fused, router_probs=router_probs)
 
     def compile_fusion(self, **compile_kwargs) -> None:
         """Compiles the fusion block (projectors, router, adapters and the mixture of Eq. 10) with `torch.compile`
@@ -698,7 +708,14 @@ class AstreaModel(AstreaPreTrainedModel):
 
         With `config.router_mode == "sample"`, the router also reads the prompt: pass the token sequence the images
         sit in as `prompt_input_ids` (with its `prompt_attention_mask`, and `prompt_mask` marking the prompt when
-        the sequence also holds the answer); without it the router sees the image alone."""
+        the sequence also holds the answer); without it the router sees the image alone.
+
+        Returns an `AstreaImageFeatures` (a `BaseModelOutputWithPooling`): the fused tokens in `pooler_output`, the
+        experts' own features in `last_hidden_state` (and per expert in `hidden_states` with
+        `output_hidden_states=True`), or a tuple of them with `return_dict=False`."""
+        output_hidden_states = kwargs.get("output_hidden_states")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if self.config.router_mode == "sample" and self.alignment is None:
             prompt = None
             if prompt_input_ids is not None:
@@ -712,25 +729,36 @@ class AstreaModel(AstreaPreTrainedModel):
                 "detection_input_ids": detection_input_ids,
                 "detection_attention_mask": detection_attention_mask,
             }
-            return self.route_samples(pixels, expert_features, prompt)
-        needed = self.alignment.experts if self.alignment is not None else EXPERT_NAMES
-        if expert_features is None:
-            expert_features = self.get_expert_features(
-                pixel_values=pixel_values,
-                classification_pixel_values=classification_pixel_values,
-                detection_pixel_values=detection_pixel_values,
-                segmentation_pixel_values=segmentation_pixel_values,
-                detection_pixel_mask=detection_pixel_mask,
-                detection_input_ids=detection_input_ids,
-                detection_attention_mask=detection_attention_mask,
-                experts=needed,
-            )
-        missing = [name for name in needed if name not in expert_features]
-        if missing:
-            raise ValueError(f"expert_features lacks the features of {', '.join(missing)}.")
-        if self.alignment is not None:
-            return self.get_alignment_features(expert_features)
-        return self.fuse_expert_features(expert_features)
+            output = self.route_samples(pixels, expert_features, prompt)
+            per_expert = (output.last_hidden_state,)
+        else:
+            needed = self.alignment.experts if self.alignment is not None else EXPERT_NAMES
+            if expert_features is None:
+                expert_features = self.get_expert_features(
+                    pixel_values=pixel_values,
+                    classification_pixel_values=classification_pixel_values,
+                    detection_pixel_values=detection_pixel_values,
+                    segmentation_pixel_values=segmentation_pixel_values,
+                    detection_pixel_mask=detection_pixel_mask,
+                    detection_input_ids=detection_input_ids,
+                    detection_attention_mask=detection_attention_mask,
+                    experts=needed,
+                )
+            missing = [name for name in needed if name not in expert_features]
+            if missing:
+                raise ValueError(f"expert_features lacks the features of {', '.join(missing)}.")
+            if self.alignment is not None:
+                output = self.get_alignment_features(expert_features)
+            else:
+                output = self.fuse_expert_features(expert_features)
+            per_expert = tuple(expert_features[name] for name in EXPERT_NAMES if name in needed)
+        # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
+        return AstreaImageFeatures(
+            last_hidden_state=torch.cat(per_expert, dim=-1),
+            pooler_output=output.pooler_output,
+            hidden_states=per_expert if output_hidden_states else None,
+            router_probs=output.router_probs,
+        )
 
     def get_placeholder_mask(
         self,
@@ -847,6 +875,11 @@ class AstreaModel(AstreaPreTrainedModel):
 
 class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the LLM's own plan comes from its config (base_model_tp_plan); the LM head is split on the vocabulary like the
+    # input embedding (`embedding_rowwise`), so a tied head and embedding shard the same rows. The experts, router,
+    # adapters and MoCo are replicated.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: AstreaConfig):
         super().__init__(config)

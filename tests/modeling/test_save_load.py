@@ -94,8 +94,10 @@ def test_return_dict_false_gives_tuples_in_the_documented_order(tiny_model, tiny
             torch.testing.assert_close(got, want)
     torch.testing.assert_close(flat[0], full.loss)  # loss, loss_reg, loss_moco, logits, ...
     torch.testing.assert_close(base_flat[0], base.last_hidden_state)
-    torch.testing.assert_close(features_flat[0], features.pooler_output)  # [images, tokens, hidden]
-    assert features_flat[0].shape == (2, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
+    # last_hidden_state (the experts' features), pooler_output (the fused tokens), router_probs
+    torch.testing.assert_close(features_flat[0], features.last_hidden_state)
+    torch.testing.assert_close(features_flat[1], features.pooler_output)
+    assert features_flat[1].shape == (2, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
 
 
 def test_the_base_model_loads_from_a_whole_model_folder_without_the_moco_weights(tiny_model, tmp_path):
