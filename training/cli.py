@@ -5,6 +5,10 @@
     astrea-train instruct --recipe ... --resume                     # continue an interrupted run
     astrea-train evaluate --recipe ... --model outputs/demo/model   # evaluate a model folder
     astrea-train ablate --recipe training/recipes/ablation.yaml     # Tables 3, 4, 6 over seeds (ablation.py)
+    astrea-train all --recipe training/recipes/tiny.yaml --set instruct.steps=500 --set data.num_train=1000
+
+`--set SECTION.KEY=VALUE` (repeatable) overrides one recipe field; VALUE is read as YAML (`[60, 30, 20, 20]`,
+`true`, `3.0e-3`), and the result is checked like the file itself.
 
 Multi-GPU / multi-node: the same command under `accelerate launch`, with a config from
 training/recipes/accelerate/ (DDP, DeepSpeed ZeRO-2/3, FSDP), e.g.
@@ -41,13 +45,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="start from this model folder (model.pretrained)")
     parser.add_argument("--seeds", type=int, nargs="+", help="ablate: override ablation.seeds")
     parser.add_argument("--variants", nargs="+", help="ablate: only these variants (e.g. full no_moco top_k=1)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe field, e.g. --set prealign.stage_steps=[60,30,20,20] (VALUE is YAML; repeatable)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        recipe = Recipe.from_yaml(args.recipe)
+        recipe = Recipe.from_yaml(args.recipe, args.overrides)
         if args.seeds or args.variants:
             ablation = {
                 "seeds": args.seeds or recipe.ablation.seeds,

@@ -255,6 +255,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
     record = {
         "stage": name,
         "steps": steps,
+        "resumed_from": int(resume_from.rsplit("-", 1)[-1]) if resume_from else None,  # the checkpoint's step
         "seconds": round(time.perf_counter() - start, 1),
         "loss": history.loss,
         "heldout": history.heldout,

@@ -150,10 +150,11 @@ class Recipe:
         return _build(cls, data or {}, source, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "Recipe":
         """A recipe file. `extends: OTHER.yaml` (relative to the file) starts from another recipe and overrides
-        what this file lists, nested mappings merged key by key."""
-        return cls.from_dict(_read_yaml(Path(path), seen=()), str(path))
+        what this file lists, nested mappings merged key by key; then each `SECTION.KEY=VALUE` of `overrides`
+        (the command line's `--set`) replaces one field."""
+        return cls.from_dict(apply_overrides(_read_yaml(Path(path), seen=()), overrides), str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +176,24 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if base is None:
         return data
     return deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`data` with each `SECTION.KEY=VALUE` of `overrides` set (VALUE parsed as YAML); a malformed one is an error
+    that names it. Unknown keys are left for `Recipe.from_dict` to refuse, with the recipe's own message."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set instruct.steps=100.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            reason = getattr(error, "problem", None) or error
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({reason}).") from None
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        data = deep_merge(data, value)
+    return data
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -205,4 +224,14 @@ def _build(cls, data: dict, source: str, prefix: str):
     return cls(**kwargs)
 
 
-__all__ = ["AblationArgs", "deep_merge", "DataArgs", "EvalArgs", "InstructArgs", "ModelArgs", "PrealignArgs", "Recipe"]
+__all__ = [
+    "AblationArgs",
+    "apply_overrides",
+    "deep_merge",
+    "DataArgs",
+    "EvalArgs",
+    "InstructArgs",
+    "ModelArgs",
+    "PrealignArgs",
+    "Recipe",
+]

@@ -1,10 +1,12 @@
 """The astrea-train command line and the accelerate configs shipped beside the recipes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from astrea_testing import REPO
 
@@ -14,6 +16,88 @@ ACCELERATE = sorted((REPO / "training" / "recipes" / "accelerate").glob("*.yaml"
 def astrea_train(*args, cwd=REPO):
     command = [str(Path(sys.executable).with_name("astrea-train")), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+DEMO_SCALED_DOWN = [  # `make demo`'s recipe with its data and step counts cut to seconds; everything else as shipped
+    "data.num_train=16",
+    "data.num_test=8",
+    "expert_pretraining.steps=2",
+    "expert_pretraining.num_images=16",
+    "expert_pretraining.batch_size=8",
+    "prealign.stage_steps=[2,2,2,2]",  # two: the first step is all warm-up (learning rate 0)
+    "prealign.batch_size=4",
+    "instruct.steps=2",
+    "instruct.batch_size=4",
+    "eval.max_new_tokens=2",
+]
+
+
+def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
+    """`make demo`'s command on training/recipes/tiny.yaml itself, scaled down with --set: its model overrides,
+    expert pre-training, pre-alignment with the LLM trained, instruction tuning and evaluation."""
+    from astrea.training.pipeline import build_model
+    from astrea.training.recipe import Recipe
+    from modeling_astrea import AstreaForConditionalGeneration
+
+    out = tmp_path / "demo"
+    overrides = [arg for item in DEMO_SCALED_DOWN for arg in ("--set", item)]
+    result = astrea_train(
+        "all", "--recipe", "training/recipes/tiny.yaml", "--output-dir", str(out), "--cache-dir",
+        str(tmp_path / "cache"), *overrides,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| question type | accuracy | chance | n |" in result.stdout
+    for kind in ("colour", "shape", "presence", "count", "position", "largest"):
+        assert f"| {kind} |" in result.stdout, kind
+    for name in ("metrics.json", "router.png", "stages.png", "model/config.json", "model/processor_config.json"):
+        assert (out / name).exists(), name
+    stages = [stage["stage"] for stage in json.loads((out / "metrics.json").read_text())["stages"]]
+    assert stages == ["1-caption", "2-classification", "3-detection", "4-segmentation", "instruct"]
+
+    recipe = Recipe.from_yaml("training/recipes/tiny.yaml", DEMO_SCALED_DOWN)
+    initial, _ = build_model(recipe)  # the same seed: the weights the run started from
+    trained = AstreaForConditionalGeneration.from_pretrained(out / "model")
+    # the recipe's model overrides reached the saved model
+    assert trained.config.image_grid_size == recipe.model.overrides["image_grid_size"]
+    assert trained.config.text_config.hidden_size == recipe.model.text_overrides["hidden_size"]
+    assert trained.config.text_config.head_dim == recipe.model.text_overrides["head_dim"]
+    assert trained.config.caption_config.image_size == recipe.model.overrides["caption_config"]["image_size"]
+    # expert pre-training ran: the experts are frozen in every later phase, so only it can have moved them
+    start, end = initial.state_dict(), trained.state_dict()
+    for name in ("caption", "classification", "detection", "segmentation"):
+        keys = [k for k in start if k.startswith(f"model.experts.{name}.")]
+        assert any(not torch.equal(start[k], end[k]) for k in keys), name
+    # prealign.train_language_model: the LLM already moved in the first pre-alignment stage
+    first = AstreaForConditionalGeneration.from_pretrained(out / "stages" / "1-caption" / "model").state_dict()
+    llm = [k for k in start if k.startswith("model.language_model.layers.")]
+    assert any(not torch.equal(start[k], first[k]) for k in llm)
+
+
+def test_set_overrides_one_field_and_bad_ones_are_one_line_errors(tmp_path, capsys):
+    from astrea.training import cli
+    from astrea.training.recipe import Recipe
+
+    recipe = Recipe.from_yaml("training/recipes/tiny.yaml", ["instruct.steps=7", "prealign.order=[caption]",
+                              "prealign.stage_steps=[5]", "model.overrides.router_top_k=2"])  # fmt: skip
+    shipped = Recipe.from_yaml("training/recipes/tiny.yaml")
+    assert (recipe.instruct.steps, recipe.prealign.stage_steps) == (7, [5])
+    assert recipe.model.overrides["router_top_k"] == 2
+    assert recipe.model.overrides["image_grid_size"] == shipped.model.overrides["image_grid_size"]  # merged, kept
+    assert recipe.instruct.learning_rate == shipped.instruct.learning_rate
+    for bad, message in [
+        ("instruct.steps", "expected SECTION.KEY=VALUE"),
+        ("instruct..steps=3", "expected SECTION.KEY=VALUE"),
+        ("instruct.stepz=3", "unknown key 'instruct.stepz'"),
+        ("prealign.stage_steps=[1, 2", "not valid YAML"),
+        ("prealign.stage_steps=[1,2]", "prealign.stage_steps has 2 entries for 4 stages"),
+    ]:
+        code = cli.main(["all", "--recipe", "training/recipes/tiny.yaml", "--output-dir", str(tmp_path / "run"),
+                         "--set", bad])  # fmt: skip
+        stderr = capsys.readouterr().err
+        assert code == 2, bad
+        assert message in stderr, (bad, stderr[-500:])
+        assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_help_lists_the_phases():

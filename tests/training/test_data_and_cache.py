@@ -1,5 +1,7 @@
 """The synthetic data set, the recipe file and the feature cache."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from astrea.processing import AstreaImageProcessor
 from astrea.training.collator import stage_target
 from astrea.training.data import QUESTION_TYPES, build_dataset, run_length_decode, run_length_encode
 from astrea.training.feature_cache import FeatureCache, expert_fingerprint, image_key
-from astrea.training.recipe import Recipe
+from astrea.training.recipe import Recipe, deep_merge
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +119,24 @@ def test_a_recipe_can_extend_another(tmp_path):
 
 
 def test_shipped_recipes_load():
-    for name in ("tiny", "astrea-13b", "astrea-34b"):
-        recipe = Recipe.from_yaml(f"training/recipes/{name}.yaml")
-        assert recipe.prealign.order == ["caption", "classification", "detection", "segmentation"]
+    shipped = sorted(Path("training/recipes").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"tiny", "ablation", "ablation-quick", "astrea-13b", "astrea-34b"}
+    for path in shipped:
+        recipe = Recipe.from_yaml(path)
+        assert recipe.prealign.order == ["caption", "classification", "detection", "segmentation"], path
+    quick, full = (
+        Recipe.from_yaml("training/recipes/ablation-quick.yaml"),
+        Recipe.from_yaml("training/recipes/ablation.yaml"),
+    )
+    assert quick.model.text_overrides["head_dim"] == full.model.text_overrides["head_dim"] == 8  # the tables' LLM
+    assert quick.instruct.tasks == full.instruct.tasks == ["questions", "caption", "grounding"]
+    assert quick.instruct.steps < full.instruct.steps and len(quick.ablation.seeds) < len(full.ablation.seeds)
+    from astrea.training.ablation import variants
+
+    for recipe in (quick, full):  # every variant of Tables 3, 4 and 6 is a valid recipe
+        for variant in variants(recipe):
+            merged = Recipe.from_dict(deep_merge(recipe.to_dict(), variant.overrides))
+            assert merged.output_dir == recipe.output_dir, variant.name
     paper = Recipe.from_yaml("training/recipes/astrea-13b.yaml")
     assert paper.prealign.stage_steps == [2000000, 500000, 200000, 200000]
     assert (paper.instruct.adam_beta2, paper.instruct.weight_decay, paper.instruct.warmup_ratio) == (0.98, 0.05, 0.15)

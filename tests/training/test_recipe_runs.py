@@ -1,9 +1,15 @@
 """A few steps of every phase on a micro recipe: what trains, what stays frozen, checkpoints, resume, errors."""
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from astrea_testing import REPO
 from transformers import TrainerCallback
 
 from astrea.training import pipeline
@@ -11,25 +17,31 @@ from astrea.training.recipe import Recipe
 from modeling_astrea import AstreaForConditionalGeneration
 
 
-def micro_recipe(tmp_path, **sections) -> Recipe:
+def micro_recipe(tmp_path, cache_dir=None, **sections) -> Recipe:
+    """A few steps of each phase; checkpoints only where a test asks for them (save_steps), and the feature cache in
+    `cache_dir` (the session's shared one, whose entries are keyed by expert weights and image content)."""
+    return Recipe.from_dict(micro_recipe_dict(tmp_path, cache_dir, **sections))
+
+
+def micro_recipe_dict(tmp_path, cache_dir=None, **sections) -> dict:
     data = {
         "output_dir": str(tmp_path / "run"),
-        "cache_dir": str(tmp_path / "cache"),
+        "cache_dir": str(cache_dir or tmp_path / "cache"),
         "model": {"config": "examples/configs/tiny"},
         "data": {"num_train": 12, "num_test": 4},
         "prealign": {
             "stage_steps": [2, 2, 2, 2],
             "batch_size": 4,
-            "save_steps": 1,
+            "save_steps": 1000,
             "logging_steps": 1,
             "learning_rate": 1e-2,
         },
-        "instruct": {"steps": 3, "batch_size": 4, "save_steps": 1, "logging_steps": 1, "learning_rate": 1e-2},
+        "instruct": {"steps": 3, "batch_size": 4, "save_steps": 1000, "logging_steps": 1, "learning_rate": 1e-2},
         "eval": {"batch_size": 8, "max_new_tokens": 2},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
-    return Recipe.from_dict(data)
+    return data
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -40,33 +52,72 @@ def changed(before, model) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
 
 
-def test_each_prealign_stage_trains_only_its_projector_and_residual(tmp_path):
-    ws = pipeline.prepare(micro_recipe(tmp_path))
-    model = ws.model
-    seen = []
-    for stage in range(1, 5):
-        recipe = ws.recipe
-        recipe.prealign.stage_steps = [2] * stage + [0] * (4 - stage)
-        before = snapshot(model)
-        order = recipe.prealign.order[:stage]
-        model.model.alignment = pipeline.AstreaAlignment(tuple(order), residual=True)
-        current = order[-1]
-        modules = [model.model.projectors[current]] + ([model.model.residual_attention[current]] if stage > 1 else [])
-        pipeline.set_trainable(model, modules, language_model=False)
-        examples = pipeline.prealign_examples(ws.data["train"], ws.keys["train"], order, 64)
-        pipeline.run_stage(ws, f"{stage}-{current}", model, examples, recipe.prealign, 2, lambda: 0.0)
-        moved = changed(before, model)
-        allowed = {f"model.projectors.{current}.", f"model.residual_attention.{current}."}
-        assert moved and all(n.startswith(tuple(allowed)) for n in moved), moved
-        if stage > 1:
-            assert any(n.startswith(f"model.residual_attention.{current}.") for n in moved)
-        assert (ws.output_dir / "stages" / f"{stage}-{current}" / "stage.json").exists()
-        seen.append(current)
-    assert seen == ["caption", "classification", "detection", "segmentation"]
+class StageWatch(TrainerCallback):
+    """Per stage folder: the parameters that require grad when its training starts, and those that changed."""
+
+    def __init__(self):
+        self.stages: dict[str, tuple[set[str], set[str]]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = snapshot(model)
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.stages[Path(args.output_dir).name] = (self.trainable, changed(self.before, model))
 
 
-def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path):
-    ws = pipeline.prepare(micro_recipe(tmp_path))
+def module_prefixes(names: set[str]) -> set[str]:
+    """model.projectors.caption.fc1.weight -> model.projectors.caption; the LLM and the LM head as a whole."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        if name.startswith("model.language_model."):
+            out.add("model.language_model")
+        elif parts[0] == "lm_head":
+            out.add("lm_head")
+        else:
+            out.add(".".join(parts[:3]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "order, joint, train_llm",
+    [("forward", False, False), ("reverse", False, True), ("forward", True, False)],
+    ids=["forward", "reverse-with-llm", "joint"],
+)
+def test_prealign_unfreezes_only_each_stages_projector_and_residual(
+    tmp_path, feature_cache_dir, order, joint, train_llm
+):
+    """What `pipeline.prealign` itself makes trainable, stage by stage (Sec. 3.1), and that only that moves."""
+    experts = ["caption", "classification", "detection", "segmentation"]
+    experts = experts[::-1] if order == "reverse" else experts
+    prealign = {"order": experts, "joint": joint, "train_language_model": train_llm}
+    if joint:
+        prealign["stage_steps"] = [2]
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, prealign=prealign))
+    watch = StageWatch()
+    ws.callbacks.append(watch)
+    pipeline.prealign(ws)
+    llm = {"model.language_model", "lm_head"} if train_llm else set()
+    if joint:
+        expected = {"1-all": {f"model.projectors.{name}" for name in experts} | llm}
+    else:
+        expected = {
+            f"{index + 1}-{name}": {f"model.projectors.{name}"}
+            | ({f"model.residual_attention.{name}"} if index else set())
+            | llm
+            for index, name in enumerate(experts)
+        }
+    assert list(watch.stages) == list(expected)
+    for stage, modules in expected.items():
+        trainable, moved = watch.stages[stage]
+        assert module_prefixes(trainable) == modules, stage
+        assert moved <= trainable and module_prefixes(moved) == modules, stage  # each unfrozen part learnt
+    assert ws.model.model.alignment is None  # back to the routed fusion after the last stage
+
+
+def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path, feature_cache_dir):
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
     before = snapshot(ws.model)
     pipeline.instruct(ws)
     moved = changed(before, ws.model)
@@ -76,8 +127,8 @@ def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_pa
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys
 
 
-def test_instruct_with_lora_merges_into_a_plain_model(tmp_path):
-    ws = pipeline.prepare(micro_recipe(tmp_path, instruct={"lora": True, "lora_rank": 4}))
+def test_instruct_with_lora_merges_into_a_plain_model(tmp_path, feature_cache_dir):
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, instruct={"lora": True, "lora_rank": 4}))
     base = snapshot(ws.model)
     pipeline.instruct(ws)
     assert type(ws.model) is AstreaForConditionalGeneration
@@ -92,8 +143,8 @@ def test_instruct_with_lora_merges_into_a_plain_model(tmp_path):
     assert again["stage"] == "instruct" and type(ws.model) is AstreaForConditionalGeneration
 
 
-def test_full_run_writes_model_metrics_and_plots(tmp_path):
-    metrics = pipeline.run(micro_recipe(tmp_path))
+def test_full_run_writes_model_metrics_and_plots(tmp_path, feature_cache_dir):
+    metrics = pipeline.run(micro_recipe(tmp_path, feature_cache_dir))
     out = tmp_path / "run"
     for name in ("metrics.json", "router.png", "stages.png", "model/config.json", "model/processor_config.json"):
         assert (out / name).exists(), name
@@ -110,31 +161,83 @@ def test_full_run_writes_model_metrics_and_plots(tmp_path):
     AstreaForConditionalGeneration.from_pretrained(out / "model")
 
 
-class Interrupt(TrainerCallback):
-    """Kills training (like Ctrl-C) at the start of a given step of a given stage."""
-
-    def __init__(self, stage_dir_name: str, step: int):
-        self.stage, self.step = stage_dir_name, step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if args.output_dir.endswith(self.stage) and state.global_step == self.step:
-            raise KeyboardInterrupt
+def astrea_train(*args, timeout=300) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("astrea-train")), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_resume_after_a_kill_gives_the_same_result(tmp_path):
-    sections = {"prealign": {"stage_steps": [3, 3, 3, 3]}, "instruct": {"steps": 4}}
-    reference = pipeline.run(micro_recipe(tmp_path / "a", **sections))
-    recipe = micro_recipe(tmp_path / "b", **sections)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(recipe, callbacks=[Interrupt("2-classification", 2)])
-    assert (tmp_path / "b" / "run" / "stages" / "1-caption" / "stage.json").exists()
-    resumed = pipeline.run(recipe, resume=True)
-    for kind, value in reference["accuracy"].items():
-        assert resumed["accuracy"][kind] == pytest.approx(value, abs=1e-6), kind
-    final_a = AstreaForConditionalGeneration.from_pretrained(tmp_path / "a" / "run" / "model").state_dict()
-    final_b = AstreaForConditionalGeneration.from_pretrained(tmp_path / "b" / "run" / "model").state_dict()
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """`astrea-train prealign` SIGKILLed right after stage 2 saved its checkpoint at step 2 (a child process, so
+    nothing gets to clean up), then `astrea-train prealign --resume`; and the same recipe run without a kill."""
+    root = tmp_path_factory.mktemp("resume")
+    sections = {"prealign": {"stage_steps": [2, 3, 2, 2], "save_steps": 1}}
+    recipe_file = root / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(micro_recipe_dict(root, root / "cache", **sections)))
+    killer = Path(__file__).with_name("killed_run.py")
+    killed = subprocess.run(
+        [sys.executable, str(killer), "2-classification", "2", "prealign", "--recipe", str(recipe_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    stages = root / "run" / "stages"
+    before = {
+        "killed": killed,
+        "checkpoints": sorted(p.name for p in (stages / "2-classification").glob("checkpoint-*")),
+        "stage_2_finished": (stages / "2-classification" / "stage.json").exists(),
+        "stage_1": (stages / "1-caption" / "stage.json").read_text(),
+        "stage_1_weights": (stages / "1-caption" / "model" / "model.safetensors").stat().st_mtime_ns,
+    }
+    resumed = astrea_train("prealign", "--recipe", str(recipe_file), "--resume")
+    reference = pipeline.run(micro_recipe(root / "reference", root / "cache", **sections), ("prealign",))
+    return root, recipe_file, before, resumed, reference
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint_and_finished_stages_load(killed_and_resumed):
+    root, _, before, resumed, _ = killed_and_resumed
+    assert before["killed"].returncode == -signal.SIGKILL, before["killed"].stderr[-3000:]
+    assert before["checkpoints"] == ["checkpoint-1", "checkpoint-2"] and not before["stage_2_finished"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stages = root / "run" / "stages"
+    # stage 1 finished before the kill: loaded, not trained again
+    assert "stage 1-caption: finished in an earlier run, loading it" in resumed.stderr
+    assert (stages / "1-caption" / "stage.json").read_text() == before["stage_1"]
+    assert (stages / "1-caption" / "model" / "model.safetensors").stat().st_mtime_ns == before["stage_1_weights"]
+    # stage 2 continued from its step-2 checkpoint: only step 3 trained in the resumed run
+    record = json.loads((stages / "2-classification" / "stage.json").read_text())
+    assert record["resumed_from"] == 2
+    assert [step for step, _ in record["loss"]] == [3]
+    for later in ("3-detection", "4-segmentation"):
+        assert json.loads((stages / later / "stage.json").read_text())["resumed_from"] is None
+
+
+def test_the_resumed_run_ends_where_an_uninterrupted_one_does(killed_and_resumed):
+    root, *_ = killed_and_resumed
+    final_a = AstreaForConditionalGeneration.from_pretrained(root / "reference" / "run" / "model").state_dict()
+    final_b = AstreaForConditionalGeneration.from_pretrained(root / "run" / "model").state_dict()
     for name, tensor in final_a.items():
         torch.testing.assert_close(final_b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_instruct_from_a_model_folder_on_the_command_line(killed_and_resumed):
+    """`astrea-train instruct --model DIR`: starts from that folder's weights (the projectors, which instruction
+    tuning keeps frozen, come out unchanged), trains, evaluates and prints the table."""
+    root, recipe_file, *_ = killed_and_resumed
+    source = root / "run" / "model"
+    result = astrea_train(
+        "instruct", "--recipe", str(recipe_file), "--model", str(source), "--output-dir", str(root / "sft")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| question type | accuracy | chance | n |" in result.stdout
+    metrics = json.loads((root / "sft" / "metrics.json").read_text())
+    assert [stage["stage"] for stage in metrics["stages"]] == ["instruct"]
+    start = AstreaForConditionalGeneration.from_pretrained(source).state_dict()
+    tuned = AstreaForConditionalGeneration.from_pretrained(root / "sft" / "model").state_dict()
+    projectors = [name for name in start if name.startswith("model.projectors.")]
+    assert projectors and all(torch.equal(start[name], tuned[name]) for name in projectors)
+    assert not torch.equal(start["model.router.weight"], tuned["model.router.weight"])
 
 
 def test_bad_rows_are_named(tmp_path):
