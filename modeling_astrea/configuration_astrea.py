@@ -53,6 +53,19 @@ def build_sub_configs(config: PreTrainedConfig) -> None:
         setattr(config, key, value)
 
 
+def sub_config_diffs(config: PreTrainedConfig, diff: dict) -> dict:
+    """`diff` (the config's `to_diff_dict()`) with each sub-config written as its own difference from its class's
+    defaults (plus its `model_type`), as transformers does for configs that declare `SubConfigSpec`s; without this
+    every sub-config field would be written out."""
+    for key in config.sub_config_defaults:
+        value = getattr(config, key, None)
+        if isinstance(value, PreTrainedConfig) and key in diff:
+            nested = {**value.to_diff_dict(), "model_type": value.model_type}
+            nested.pop("transformers_version", None)  # once, at the top
+            diff[key] = nested
+    return diff
+
+
 def swin_output_width(swin_config) -> int:
     """Channel width of a Swin backbone's last stage: the embedding doubles at every patch merge."""
     return swin_config.embed_dim * 2 ** (len(swin_config.depths) - 1)
@@ -110,6 +123,9 @@ class AstreaTaggerConfig(PreTrainedConfig):
         build_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_sizes()
+
+    def to_diff_dict(self) -> dict:
+        return sub_config_diffs(self, super().to_diff_dict())
 
     def thresholds(self) -> list[float]:
         """The probability threshold of every tag: its own where the config has one, else `tag_threshold`."""
@@ -245,6 +261,9 @@ class AstreaConfig(PreTrainedConfig):
         build_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_sizes()
+
+    def to_diff_dict(self) -> dict:
+        return sub_config_diffs(self, super().to_diff_dict())
 
     @property
     def num_image_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Writes the configs shipped in `examples/configs/`: the tiny test/demo model and the paper's 13B and 34B.
 
-    python examples/configs/build_configs.py
+    python examples/configs/build_configs.py               # `make configs`
+    python examples/configs/build_configs.py --out DIR     # somewhere else (the tests compare it with the shipped)
 
 The real-scale configs copy the dimensions of the released checkpoints (Vicuna-1.5-13B, Nous-Hermes-2-Yi-34B,
 SigLIP-SO400M/14@384, RAM++ Swin-L/384, Grounding DINO (Swin-T), SAM2.1-hiera-large); building them needs no
@@ -181,23 +182,29 @@ def paper_config(text_config: LlamaConfig) -> AstreaConfig:
     )
 
 
-def main():
+def main(argv=None):
+    import argparse
+
     from astrea.processing import AstreaImageProcessor, AstreaProcessor
     from astrea.processing.tokenizer import build_tiny_tokenizer
 
+    parser = argparse.ArgumentParser(description="Write the tiny, 13B and 34B config folders.")
+    parser.add_argument("--out", type=Path, default=HERE, help="where the folders go (default: examples/configs/)")
+    out = parser.parse_args(argv).out
+
     tokenizer = build_tiny_tokenizer()
     tiny = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    tiny.save_pretrained(HERE / "tiny")
+    tiny.save_pretrained(out / "tiny")
     image_processor = AstreaImageProcessor.from_model_config(tiny, detection_size=64)
     processor = AstreaProcessor(
         image_processor, tokenizer, chat_template=tokenizer.chat_template, num_image_tokens=tiny.num_image_tokens
     )
-    processor.save_pretrained(HERE / "tiny")
-    paper_config(vicuna_13b()).save_pretrained(HERE / "astrea-13b")
-    paper_config(hermes2_yi_34b()).save_pretrained(HERE / "astrea-34b")
+    processor.save_pretrained(out / "tiny")
+    paper_config(vicuna_13b()).save_pretrained(out / "astrea-13b")
+    paper_config(hermes2_yi_34b()).save_pretrained(out / "astrea-34b")
     for folder in ("tiny", "astrea-13b", "astrea-34b"):
-        strip_remote_code(HERE / folder)
-        print("wrote", HERE / folder)
+        strip_remote_code(out / folder)
+        print("wrote", out / folder)
 
 
 def strip_remote_code(folder: Path) -> None:

@@ -68,3 +68,30 @@ def test_paper_scale_configs_match_the_real_checkpoints(name, llm_params):
     assert count(experts["detection"]) == pytest.approx(172, rel=0.02)  # Grounding DINO (Swin-T)
     assert count(model.language_model) == pytest.approx(llm_params, rel=0.02)
     assert config.num_image_tokens == 576 and config.router_top_k == 3
+
+
+def test_make_configs_writes_the_shipped_folders(tmp_path):
+    """`make configs` (examples/configs/build_configs.py) reproduces what is committed: the configs field for field
+    (less the transformers version), the tokenizer, processor and chat template byte for byte."""
+    import json
+    import subprocess
+    import sys
+
+    script = REPO / "examples" / "configs" / "build_configs.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = REPO / "examples" / "configs"
+    for folder in ("tiny", "astrea-13b", "astrea-34b"):
+        names = sorted(p.name for p in (shipped / folder).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / folder).iterdir()), folder
+        for name in names:
+            want, got = (shipped / folder / name).read_text(), (tmp_path / folder / name).read_text()
+            if name == "config.json":
+                want, got = json.loads(want), json.loads(got)
+                assert want.pop("transformers_version") and got.pop("transformers_version")
+            assert got == want, f"{folder}/{name}"
+        # written as differences from each sub-config's defaults, not every field of every sub-config
+        config = json.loads((tmp_path / folder / "config.json").read_text())
+        assert "id2label" not in config["caption_config"] and "return_dict" not in config["text_config"], folder
