@@ -26,23 +26,25 @@ Layout of the released state dict (under its "model" key) and where each part go
 | `tagging_head.encoder.layer.N.*` (BERT, no self-attention) | `layers.N.*`                                        |
 | `fc`                                                       | `tag_head`                                          |
 
-Buffers that transformers recomputes (`relative_position_index`, `attn_mask`) are dropped.
+Buffers that transformers recomputes (`relative_position_index`, `attn_mask`) are dropped; they are the only
+tensors left out. The released state dict holds nothing else (recognize-anything deletes the tag decoder's
+embeddings and self-attention and builds its Swin without a classifier head), so any other tensor (a classifier
+head, an absolute position embedding, a stage the sizes do not have) is refused by name rather than dropped, as
+is a missing tensor or one whose shape does not fit the sizes read off the others.
 """
 
 import argparse
 import math
+import pickle
 import re
 import zipfile
 from pathlib import Path
 
 import torch
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.utils import logging
 
 from .configuration_astrea import AstreaTaggerConfig
 from .modeling_astrea_tagger import AstreaTaggerModel
-
-logger = logging.get_logger(__name__)
 
 SWIN = "visual_encoder"
 BLOCK = r"visual_encoder\.layers\.(\d+)\.blocks\.(\d+)\."
@@ -75,7 +77,10 @@ RENAMES: list[tuple[str, str]] = [
 PARAMETERS = {"label_embed": "tag_embeddings", "reweight_scale": "description_logit_scale"}
 QKV = re.compile(BLOCK + r"attn\.qkv\.(weight|bias)")
 BIAS_TABLE = re.compile(BLOCK + r"attn\.relative_position_bias_table")
+#: the only released tensors left out: buffers that transformers' Swin recomputes from the config
 RECOMPUTED = re.compile(r".*\.(relative_position_index|attn_mask)")
+#: how torch.load(weights_only=True) names a pickled object it refuses
+REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def load_ram_plus_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
@@ -90,6 +95,13 @@ def load_ram_plus_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
             path, map_location="cpu", weights_only=not trust_checkpoint, mmap=zipfile.is_zipfile(path)
         )
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or a zip error for a bad file
+        refused = REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if refused and not trust_checkpoint:
+            raise ValueError(
+                f"The RAM++ checkpoint {path} holds a pickled {refused[1]}, which torch.load(weights_only=True) "
+                "refuses to unpickle; if you trust the file, pass --trust-checkpoint (trust_checkpoint=True), "
+                "which unpickles everything in it and so can run code from it."
+            ) from error
         hint = "" if trust_checkpoint else " (if it holds non-tensor objects and you trust it: --trust-checkpoint)"
         raise ValueError(f"Cannot read the RAM++ checkpoint {path}: {error}{hint}") from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -157,31 +169,74 @@ def ram_plus_config(
     )
 
 
+def released_to_ours(key: str) -> list[str] | None:
+    """The `AstreaTaggerModel` names a released RAM++ key goes to: three for a fused `qkv` (split in that order
+    along its first dimension), none for a buffer transformers recomputes, `None` for a key outside the layout."""
+    if RECOMPUTED.fullmatch(key):
+        return []
+    if key in PARAMETERS:
+        return [PARAMETERS[key]]
+    if match := QKV.fullmatch(key):
+        prefix = f"vision_model.encoder.layers.{match[1]}.blocks.{match[2]}.attention."
+        return [f"{prefix}{name}.{match[3]}" for name in ("q_proj", "k_proj", "v_proj")]
+    if match := BIAS_TABLE.fullmatch(key):
+        return [
+            f"vision_model.encoder.layers.{match[1]}.blocks.{match[2]}.attention.relative_position_bias."
+            "relative_position_bias_table"
+        ]
+    for pattern, replacement in RENAMES:
+        if re.fullmatch(pattern + r"(weight|bias)", key):
+            return [re.sub(pattern, replacement, key)]
+    return None
+
+
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Released RAM++ names -> `AstreaTaggerModel` names, q/k/v split; returns (converted, keys left unused)."""
+    """Released RAM++ names -> `AstreaTaggerModel` names, q/k/v split; returns (converted, keys outside the RAM++
+    layout). The recomputed buffers are left out of both; `convert_ram_plus` refuses a dict with any such key."""
     converted, unused = {}, []
     for key, value in state_dict.items():
-        if RECOMPUTED.fullmatch(key):
-            continue
-        if key in PARAMETERS:
-            converted[PARAMETERS[key]] = value
-        elif match := QKV.fullmatch(key):
-            prefix = f"vision_model.encoder.layers.{match[1]}.blocks.{match[2]}.attention."
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
-                converted[f"{prefix}{name}.{match[3]}"] = part.clone()
-        elif match := BIAS_TABLE.fullmatch(key):
-            converted[
-                f"vision_model.encoder.layers.{match[1]}.blocks.{match[2]}.attention.relative_position_bias."
-                "relative_position_bias_table"
-            ] = value
-        else:
-            for pattern, replacement in RENAMES:
-                if re.fullmatch(pattern + r"(weight|bias)", key):
-                    converted[re.sub(pattern, replacement, key)] = value
-                    break
-            else:
-                unused.append(key)
+        names = released_to_ours(key)
+        if names is None:
+            unused.append(key)
+        elif len(names) == 1:
+            converted[names[0]] = value
+        elif names:
+            if value.shape[0] % len(names):
+                raise ValueError(f"{key} has {value.shape[0]} rows, which do not split into {len(names)} equal parts")
+            for name, part in zip(names, value.chunk(len(names), dim=0), strict=True):
+                converted[name] = part.clone()
     return converted, unused
+
+
+def layout_problems(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps a released state dict from loading into a tagger whose state dict is `expected`: keys outside
+    the RAM++ layout and wrong shapes (both by released name), and missing keys (by the tagger's name)."""
+    outside, wrong, found = [], [], set()
+    for key, value in state_dict.items():
+        names = released_to_ours(key)
+        if names is None or any(name not in expected for name in names):
+            outside.append(key)
+            continue
+        found.update(names)
+        if names:  # a fused qkv is its three parts stacked along the first dimension
+            shapes = [tuple(expected[name].shape) for name in names]
+            needed = (sum(shape[0] for shape in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+            if tuple(value.shape) != needed:
+                wrong.append(f"{key} is {tuple(value.shape)}, the tagger needs {needed}")
+    missing = sorted(set(expected) - found)
+    problems = []
+    if outside:
+        problems.append(f"unknown tensors {_listed([repr(key) for key in outside], ', ')}")
+    if missing:
+        problems.append(f"missing {_listed([repr(key) for key in missing], ', ')}")
+    if wrong:
+        problems.append(f"wrong shapes {_listed(wrong, '; ')}")
+    return problems
+
+
+def _listed(items: list[str], separator: str, most: int = 8) -> str:
+    more = f"{separator}and {len(items) - most} more" if len(items) > most else ""
+    return f"[{separator.join(items[:most])}{more}]"
 
 
 def _read_lines(path: str | Path, what: str) -> list[str]:
@@ -222,26 +277,10 @@ def convert_ram_plus(
             )
     state_dict = load_ram_plus_checkpoint(checkpoint, trust_checkpoint)
     config = ram_plus_config(state_dict, tag_names, tag_thresholds, image_size, tag_num_heads)
-    converted, unused = convert_state_dict(state_dict)
-    if unused:
-        logger.warning(
-            f"{len(unused)} entries of {checkpoint} are not part of the tagger and were left out: {unused[:10]}"
-            + (" ..." if len(unused) > 10 else "")
-        )
     model = AstreaTaggerModel(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    wrong = [
-        f"{k}: {tuple(v.shape)} for {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{checkpoint} does not fit the RAM++ layout: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"wrong shapes {wrong[:8]}"
-        )
+    if problems := layout_problems(state_dict, model.state_dict()):
+        raise ValueError(f"{checkpoint} does not fit the RAM++ layout: {'; '.join(problems)}")
+    converted, _ = convert_state_dict(state_dict)  # nothing outside the layout: layout_problems found none
     model.load_state_dict(converted)  # copied into the model's float32 parameters
     model.eval().save_pretrained(output)
     ViTImageProcessorPil(  # RAM++'s transform: RGB, resize to a square (bilinear), ImageNet mean and std

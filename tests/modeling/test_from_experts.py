@@ -75,6 +75,26 @@ def assembled(tmp_path_factory):
     return model, processor, paths, parts
 
 
+def grounding_dino_level(dino, level: int, **inputs) -> torch.Tensor:
+    """One level of a standalone GroundingDinoModel's encoder memory (`encoder_last_hidden_state_vision`, from
+    its whole forward) as a map [N, d_model, h, w]. The memory is the projected feature maps flattened level by
+    level, so the sizes of the levels are read off the outputs of its `input_proj_vision` convolutions."""
+    shapes = []
+    hooks = [
+        projection.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape[-2:])))
+        for projection in dino.input_proj_vision
+    ]
+    try:
+        memory = dino(**inputs).encoder_last_hidden_state_vision  # [N, sum_l h_l * w_l, d_model]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    sizes = [height * width for height, width in shapes]
+    assert len(shapes) == dino.config.num_feature_levels and sum(sizes) == memory.shape[1]
+    tokens = memory.split(sizes, dim=1)[level]  # [N, h * w, d_model], row by row
+    return tokens.transpose(1, 2).unflatten(2, shapes[level])
+
+
 def pixels(seed=0, n=2):
     generator = torch.Generator().manual_seed(seed)
     return lambda side: torch.randn(n, 3, side, side, generator=generator)
@@ -102,7 +122,7 @@ def test_every_loaded_part_keeps_its_weights_exactly(assembled):
 
 @torch.no_grad()
 def test_each_part_inside_astrea_gives_the_outputs_it_gives_alone(assembled):
-    model, _, _, parts = assembled
+    model, _, paths, parts = assembled
     config = model.config
     make = pixels()
     caption = make(config.caption_config.image_size)
@@ -117,6 +137,31 @@ def test_each_part_inside_astrea_gives_the_outputs_it_gives_alone(assembled):
     inside = model.model.experts["segmentation"](segmentation)
     alone = parts["segmentation"].vision_encoder(pixel_values=segmentation).fpn_hidden_states[-1]
     torch.testing.assert_close(inside, alone)
+    # detection: the configured level of the standalone Grounding DINO's encoder memory, prompted with what its own
+    # tokenizer makes of "object." (Astrea's default prompt), the whole forward run (Astrea stops after the encoder)
+    detection = make(config.detection_config.backbone_config.image_size)
+    dino, level = parts["detection"].model, config.detection_feature_level
+    bert = BertTokenizerFast.from_pretrained(paths["detection"])
+    prompt = bert(["object."] * 2, return_tensors="pt")
+    alone = grounding_dino_level(dino, level, pixel_values=detection, **prompt)
+    torch.testing.assert_close(model.model.experts["detection"](detection), alone)
+    # with a pixel mask (the second image padded on the right) and a padded prompt of its own per image, through
+    # get_expert_features: that level is already the 4x4 grid, so Astrea's features are its tokens, row by row
+    mask = torch.ones(2, *detection.shape[-2:], dtype=torch.long)
+    mask[1, :, detection.shape[-1] // 2 :] = 0
+    prompt = bert(["object.", "object. object. object. object."], padding=True, return_tensors="pt")
+    assert prompt["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    masked = grounding_dino_level(dino, level, pixel_values=detection, pixel_mask=mask, **prompt)
+    assert masked.shape[-2:] == (config.image_grid_size, config.image_grid_size)
+    inside = model.get_expert_features(
+        detection_pixel_values=detection,
+        detection_pixel_mask=mask,
+        detection_input_ids=prompt["input_ids"],
+        detection_attention_mask=prompt["attention_mask"],
+        experts=("detection",),
+    )["detection"]
+    torch.testing.assert_close(inside, masked.flatten(2).transpose(1, 2))
+    assert not torch.allclose(masked, alone, atol=1e-3)  # the mask and the prompt change the features
     # the LLM on text alone: Astrea's logits are the LLM's
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     torch.testing.assert_close(model(input_ids=ids).logits, parts["llm"](input_ids=ids).logits)

@@ -6,6 +6,7 @@ and random values; `reference_tag_logits` computes RAM++'s `generate_tag` logits
 torch operations, independently of `AstreaTaggerModel` and of transformers' Swin.
 """
 
+import argparse
 import math
 import subprocess
 import sys
@@ -18,7 +19,13 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from modeling_astrea import AstreaTaggerConfig, AstreaTaggerModel
-from modeling_astrea.convert_ram_plus import convert_ram_plus, convert_state_dict, main, ram_plus_config
+from modeling_astrea.convert_ram_plus import (
+    convert_ram_plus,
+    convert_state_dict,
+    load_ram_plus_checkpoint,
+    main,
+    ram_plus_config,
+)
 
 TINY = dict(
     patch=4,
@@ -351,6 +358,68 @@ def test_converter_refuses_what_does_not_fit(tmp_path):
         main(["--checkpoint", str(tmp_path / "junk.pth"), "--tag-list", str(tags), "--output", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_converter_refuses_tensors_outside_the_ram_plus_layout(tmp_path):
+    """Only the buffers transformers recomputes (`relative_position_index`, `attn_mask`) are left out; any other
+    tensor without a place in the tagger is refused by its released name instead of being dropped."""
+    state = released_state_dict(TINY)
+    extra = {
+        "visual_encoder.absolute_pos_embed": torch.zeros(1, 64, 8),  # Swin with ape=True: dropping it changes outputs
+        "visual_encoder.head.weight": torch.zeros(10, 16),  # an ImageNet classifier head: not RAM++
+        "visual_encoder.layers.1.downsample.norm.weight": torch.ones(64),  # the last stage merges no patches
+    }
+    checkpoint, tags, _ = write_release(tmp_path, state | extra)
+    with pytest.raises(ValueError, match=r"does not fit the RAM\+\+ layout: unknown tensors") as refused:
+        convert_ram_plus(checkpoint, tmp_path / "out", tags, image_size=32, tag_num_heads=2)
+    assert all(repr(key) in str(refused.value) for key in extra), refused.value
+    assert "missing" not in str(refused.value) and not (tmp_path / "out").exists()
+    _, unused = convert_state_dict(state | extra)
+    assert unused == ["visual_encoder.absolute_pos_embed", "visual_encoder.head.weight"]
+
+
+def test_converter_refuses_a_tensor_of_the_wrong_shape(tmp_path):
+    """A tensor with a released name and a shape that does not fit the sizes read off the others is refused,
+    the message naming the released key, its shape and the shape the tagger needs."""
+    state = released_state_dict(TINY)
+    _, tags, _ = write_release(tmp_path, state)
+    wrong = {
+        "visual_encoder.layers.1.blocks.1.mlp.fc2.weight": ((16, 60), (16, 64)),  # fc1 of the block gives 64
+        "visual_encoder.layers.0.blocks.0.attn.qkv.weight": ((20, 8), (24, 8)),  # q, k and v of 8 each
+        "visual_encoder.layers.0.blocks.1.attn.qkv.weight": ((4, 8), (24, 8)),  # not even three parts
+    }
+    for key, (shape, needed) in wrong.items():
+        checkpoint, _, _ = write_release(tmp_path, state | {key: torch.zeros(shape)})
+        with pytest.raises(ValueError, match=r"does not fit the RAM\+\+ layout: wrong shapes") as refused:
+            convert_ram_plus(checkpoint, tmp_path / "out", tags, image_size=32, tag_num_heads=2)
+        assert f"{key} is {shape}, the tagger needs {needed}" in str(refused.value), refused.value
+        assert "missing" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_holding_pickled_objects_is_read_only_with_trust_checkpoint(tmp_path):
+    """`torch.load(weights_only=True)` refuses objects other than tensors and plain containers (here the
+    argparse.Namespace training scripts save with their weights): refused with a hint at --trust-checkpoint,
+    from Python and from the command line, and read with it."""
+    state = released_state_dict(TINY, seed=5)
+    _, tags, _ = write_release(tmp_path, state)
+    checkpoint = tmp_path / "with_args.pth"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, checkpoint)
+    with pytest.raises(ValueError, match=r"pickled argparse\.Namespace.*weights_only=True.*--trust-checkpoint"):
+        load_ram_plus_checkpoint(checkpoint)
+    loaded = load_ram_plus_checkpoint(checkpoint, trust_checkpoint=True)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "modeling_astrea.convert_ram_plus", "--checkpoint", str(checkpoint)]
+    command += ["--tag-list", str(tags), "--output", str(output), "--image-size", "32", "--tag-num-heads", "2"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    assert "argparse.Namespace" in refused.stderr and "--trust-checkpoint" in refused.stderr, refused.stderr
+    assert not output.exists()
+    trusted = subprocess.run([*command, "--trust-checkpoint"], capture_output=True, text=True, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr
+    model = AstreaTaggerModel.from_pretrained(output)
+    assert torch.equal(model.tag_embeddings, state["label_embed"])
 
 
 def test_tagger_config_checks_its_lists():
