@@ -1,16 +1,24 @@
 """astrea-hub: the exported folder, its model card, loading it where the package is absent and the network is
-cut, and pushing it (with huggingface_hub's calls recorded instead of sent)."""
+cut, and pushing it (with huggingface_hub's calls recorded instead of sent, or sent to a fake Hub on this machine
+by the installed `astrea-hub` command)."""
 
+import base64
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import torch
 import yaml
 from astrea_testing import BLOCK_PACKAGE, TINY, save_random_tiny
+from safetensors.torch import load_file
 
 from astrea.hub_cards import export
 from astrea.hub_cards.cli import main as astrea_hub
@@ -133,3 +141,160 @@ def test_bad_arguments_are_one_line_errors(run_dir, tmp_path, capsys):
     assert "--push needs --repo-id" in capsys.readouterr().err
     assert astrea_hub(["push", "--folder", str(tmp_path), "--repo-id", "a/b"]) == 2
     assert "is not an exported folder" in capsys.readouterr().err
+
+
+# --- the installed `astrea-hub` command --------------------------------------------------------------------------
+
+ASTREA_HUB = Path(sys.executable).with_name("astrea-hub")
+#: what `astrea-eval run` writes (summary.json) and a second `astrea-train` metrics.json, numbers made up here: the
+#: card must show these, given with --results, and not the run's own metrics.json
+EVAL_SUMMARY = {
+    "model": "outputs/demo/model",
+    "data": "bench/all.jsonl",
+    "device": "cpu",
+    "count": 17,
+    "tasks": {
+        "vqa": {"count": 12, "vqa_accuracy": 0.41667, "categories": {"shape": {"count": 12, "vqa_accuracy": 0.41667}}},
+        "caption": {"count": 5, "bleu4": 0.12345, "cider": 0.56789},
+    },
+    "seconds": 3.1,
+}
+CLI_METRICS = {
+    **METRICS,
+    "accuracy": {"colour": 0.2, "position": 0.731},
+    "router": {
+        "colour": {"caption": 0.25, "classification": 0.15, "detection": 0.35, "segmentation": 0.25},
+        "position": {"caption": 0.05, "classification": 0.15, "detection": 0.6, "segmentation": 0.2},
+    },
+}
+
+
+def astrea_hub_command(*args, cwd, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(ASTREA_HUB), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_exported(run_dir, tmp_path_factory):
+    """`astrea-hub export --results ...` run as a user runs it: (the folder it was told to write, the process)."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "summary.json").write_text(json.dumps(EVAL_SUMMARY))
+    (root / "metrics.json").write_text(json.dumps(CLI_METRICS))
+    folder = root / "astrea-cli"
+    args = ["export", "--model", run_dir / "model", "--output", folder, "--repo-id", "someone/astrea-cli"]
+    args += ["--results", root / "summary.json", root / "metrics.json", "--title", "Astrea from the command line"]
+    result = astrea_hub_command(*args, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, result
+
+
+def test_export_on_the_command_line_writes_the_folder_and_a_card_with_the_results_numbers(cli_exported, run_dir):
+    folder, result = cli_exported
+    assert f"wrote {folder}/" in result.stdout
+    names = {p.name for p in folder.iterdir()}
+    remote_code = {"modeling_astrea.py", "configuration_astrea.py", "processing_astrea.py"}
+    remote_code |= {"image_processing_astrea.py", "modeling_astrea_tagger.py"}
+    processor = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {"model.safetensors", "config.json", "README.md", "router.png"} | remote_code | processor <= names
+    exported, trained = load_file(folder / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+    meta, body = card_sections((folder / "README.md").read_text())
+    assert meta["license"] == "apache-2.0" and "custom_code" in meta["tags"]
+    assert "\n# Astrea from the command line\n" in body and 'repo = "someone/astrea-cli"' in body
+    # the astrea-eval summary
+    assert "`astrea-eval run` on `bench/all.jsonl`:" in body
+    assert "| vqa | 12 | vqa_accuracy 0.417 |" in body and "| caption | 5 | bleu4 0.123, cider 0.568 |" in body
+    # the astrea-train metrics given on the command line, with their router and limitations, not the run's own
+    assert "| colour | 20.0% | 16.7% | 252 |" in body and "| position | 73.1% | 50.0% | 148 |" in body
+    assert "| position | 0.05 | 0.15 | 0.60 | 0.20 |" in body
+    assert "Colour questions are answered at chance (20.0%; chance 16.7%)." in body
+    assert "85.3%" not in body and "Position questions are answered at chance" not in body
+    assert "caption (2000 steps) → classification (500 steps)" in body  # recipe.json from the run's folder
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub's API as far as `HfApi.create_repo` and `upload_folder` use it, answering as the Hub does for small
+    files (sent inline in the commit, no LFS). The server's `requests` list keeps every request."""
+
+    def do_GET(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlsplit(self.path).path
+        self.server.requests.append(
+            {"method": self.command, "path": path, "authorization": self.headers.get("Authorization"), "body": body}
+        )
+        here = f"http://127.0.0.1:{self.server.server_port}"
+        if path == "/api/repos/create":
+            repo = json.loads(body)
+            answer = {"url": f"{here}/{repo['organization']}/{repo['name']}"}
+        elif path == "/api/validate-yaml":
+            answer = {}
+        elif re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/main", path):
+            files = json.loads(body)["files"]
+            answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        elif commit := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
+            oid = f"{len(self.server.requests):040x}"
+            answer = {"commitUrl": f"{here}/{commit[1]}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        else:  # anything else (huggingface_hub's agent-harness registry, ...) is not there
+            answer = None
+        data = json.dumps(answer if answer is not None else {"error": "not found"}).encode()
+        self.send_response(200 if answer is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_POST = do_PUT = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("command", ["push", "export --push"])
+def test_push_on_the_command_line_uploads_the_folder_to_the_hub(command, cli_exported, run_dir, fake_hub, tmp_path):
+    endpoint = f"http://127.0.0.1:{fake_hub.server_port}"
+    if command == "push":
+        folder = cli_exported[0]
+        args = ["push", "--folder", folder, "--repo-id", "someone/astrea-cli", "--private"]
+    else:
+        folder = tmp_path / "astrea-cli"
+        args = ["export", "--model", run_dir / "model", "--output", folder, "--push"]
+        args += ["--repo-id", "someone/astrea-cli"]
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        env.pop(name, None)
+    result = astrea_hub_command(*args, "--token", "hf_test_token", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"pushed {folder} to {endpoint}/someone/astrea-cli" in result.stdout
+
+    api = [r for r in fake_hub.requests if r["path"].startswith(("/api/repos/", "/api/validate-yaml", "/api/models/"))]
+    assert api and all(r["authorization"] == "Bearer hf_test_token" for r in api)
+    assert api[0]["path"] == "/api/repos/create"  # the repository first
+    create = json.loads(api[0]["body"])
+    assert (create["organization"], create["name"]) == ("someone", "astrea-cli")
+    private = create.get("visibility") == "private" or create.get("private") is True
+    assert private == (command == "push")
+    commits = [r for r in api if r["path"] == "/api/models/someone/astrea-cli/commit/main"]
+    assert commits
+    uploaded = {}
+    for commit in commits:
+        lines = [json.loads(line) for line in commit["body"].splitlines()]
+        assert lines[0]["key"] == "header" and lines[0]["value"]["summary"] == "Upload Astrea"
+        files = [line["value"] for line in lines if line["key"] == "file"]
+        uploaded |= {file["path"]: base64.b64decode(file["content"]) for file in files}
+    assert uploaded == {p.name: p.read_bytes() for p in folder.iterdir()}  # every file, byte for byte
+    assert {"model.safetensors", "README.md", "modeling_astrea.py", "processor_config.json"} <= uploaded.keys()

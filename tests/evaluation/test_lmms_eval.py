@@ -190,6 +190,46 @@ def test_loglikelihood_is_the_continuations_log_probability(workspace):
         Astrea(pretrained=str(workspace / "model"), colour="blue")
 
 
+def test_generate_until_in_batches_gives_the_answers_of_one_request_at_a_time(workspace):
+    """--batch_size 3 on 7 requests of two generation settings: batches of 3, 1 and 3 prompts of different lengths
+    (0, 1 or 2 images, short and long questions), left-padded; every answer must be the one it gets alone."""
+    from PIL import Image
+
+    from astrea.evaluation.lmms_model import Astrea
+
+    docs = [
+        {"images": [Image.new("RGB", (40, 30), "red")]},
+        {"images": [Image.new("RGB", (20, 50), "blue"), Image.new("RGB", (30, 30), "green")]},
+        {"images": []},
+        {"images": [Image.new("RGB", (64, 64), "yellow")]},
+        {"images": [Image.new("RGB", (50, 20), "purple")]},
+    ]
+    questions = ["What colour is it?", "Is there a big shape in the top left corner of this picture?", "Name it."]
+    questions += ["How many?", "Describe the two images in detail, please, with every shape you see.", "Where?"]
+    questions += ["Colour?"]
+    settings = [{"max_new_tokens": 4, "until": []}, {"max_new_tokens": 3, "temperature": 0}]
+    requests = [
+        Request(question, dict(settings[i % 2]), lambda doc: doc["images"], doc_id, "t", "test")
+        for i, (question, doc_id) in enumerate(zip(questions, [0, 1, 2, 3, 4, 3, 1], strict=True))
+    ]
+    answers, masks = {}, {1: [], 3: []}  # the attention mask of each batch the model gets
+    for batch_size in (1, 3):
+        lmm = Astrea(pretrained=str(workspace / "model"), device="cpu", batch_size=str(batch_size))
+        lmm.task_dict = {"t": {"test": docs}}
+
+        def record(texts, images, encode=lmm._inputs, seen=masks[batch_size]):
+            batch = encode(texts, images)
+            seen.append(batch["attention_mask"])
+            return batch
+
+        lmm._inputs = record
+        answers[batch_size] = lmm.generate_until(requests)
+    assert answers[3] == answers[1]
+    assert len(set(answers[1])) >= 5 and all(answers[1])  # distinct answers: a mix-up of rows would show
+    assert [len(mask) for mask in masks[1]] == [1] * 7 and [len(mask) for mask in masks[3]] == [3, 1, 3]
+    assert all(mask[:, -1].all() for mask in masks[3]) and all((mask[:, 0] == 0).any() for mask in masks[3][::2])
+
+
 def test_a_datasets_folder_becomes_tasks_with_each_image_stored_once(tmp_path):
     from datasets import Dataset, DatasetDict
     from PIL import Image
