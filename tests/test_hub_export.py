@@ -104,7 +104,9 @@ def test_the_cards_usage_snippet_runs_from_the_folder_without_the_package_or_a_n
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     env.pop("HF_HUB_OFFLINE", None)  # the cut network is the check, not the offline switch
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SNIPPET-OK" in result.stdout
 

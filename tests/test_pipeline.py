@@ -68,6 +68,8 @@ def test_remote_code_processor_and_pipeline_without_the_package(folder, tmp_path
         print("PIPELINE-OK", type(pipe.model).__name__, repr(out[0]["generated_text"]))
     """)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PIPELINE-OK AstreaForConditionalGeneration" in result.stdout

@@ -71,7 +71,9 @@ def test_remote_code_loads_without_the_package(tiny_model, tiny_config, tmp_path
         print("REMOTE-OK", type(model).__name__, tuple(out.shape))
     """)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK AstreaForConditionalGeneration" in result.stdout
 

@@ -2,11 +2,19 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from astrea_testing import REPO
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), so two test runs on one machine do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_two_process_instruct_gathers_the_moco_queue(tmp_path):
@@ -24,7 +32,7 @@ def test_two_process_instruct_gathers_the_moco_queue(tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(free_port()),
         str(REPO / "tests" / "training" / "ddp_instruct.py"),
         str(tmp_path),
     ]
