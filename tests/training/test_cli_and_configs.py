@@ -100,30 +100,39 @@ def test_set_overrides_one_field_and_bad_ones_are_one_line_errors(tmp_path, caps
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-def test_help_lists_the_phases():
-    result = astrea_train("--help")
-    assert result.returncode == 0
-    for phase in ("prealign", "instruct", "all", "evaluate", "--resume"):
-        assert phase in result.stdout
+# The errors and the help run `astrea-train`'s main in this process (the console script itself runs above)
 
 
-def test_bad_recipe_is_a_one_line_error_before_any_work(tmp_path):
+def test_help_lists_the_phases(capsys):
+    from astrea.training import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for phase in ("prealign", "instruct", "all", "evaluate", "--resume", "--set"):
+        assert phase in shown
+
+
+def test_bad_recipe_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    from astrea.training import cli
+
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\ninstruct:\n  stepz: 3\n")
-    result = astrea_train("all", "--recipe", str(recipe))
-    assert result.returncode == 2
-    assert "unknown key 'instruct.stepz'" in result.stderr
+    assert cli.main(["all", "--recipe", str(recipe)]) == 2
+    assert "unknown key 'instruct.stepz'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_unwritable_cache_is_reported(tmp_path):
+def test_unwritable_cache_is_reported(tmp_path, capsys):
+    from astrea.training import cli
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{num_train: 4, num_test: 2}}\n")
-    result = astrea_train("prealign", "--recipe", str(recipe), "--cache-dir", str(blocker / "cache"))
-    assert result.returncode == 2
-    assert "not writable" in result.stderr
+    assert cli.main(["prealign", "--recipe", str(recipe), "--cache-dir", str(blocker / "cache")]) == 2
+    assert "not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=[p.stem for p in ACCELERATE])
