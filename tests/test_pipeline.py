@@ -7,15 +7,13 @@ import textwrap
 
 import PIL.Image
 import pytest
-from astrea_testing import BLOCK_PACKAGE, save_random_tiny
+from astrea_testing import BLOCK_PACKAGE
 from transformers import pipeline
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("astrea-tiny")
-    save_random_tiny(path)
-    return path
+def folder(tiny_folder):
+    return tiny_folder
 
 
 def chat(image, question="What colour is it?"):

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from astrea_testing import save_random_tiny
 from PIL import Image
 
 from astrea.evaluation import benchmark
@@ -145,10 +144,8 @@ def test_the_synthetic_converter_writes_every_split_from_the_data_sets_labels(tm
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    save_random_tiny(path)
-    return path
+def model_folder(tiny_folder):
+    return tiny_folder
 
 
 def test_astrea_eval_writes_a_prediction_per_row_and_a_summary(tmp_path, model_folder, capsys):

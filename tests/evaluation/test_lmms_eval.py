@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from astrea_testing import save_random_tiny
 
 from astrea.evaluation import benchmark, lmms_tasks
 from astrea.evaluation.cli import main as astrea_eval
@@ -24,10 +23,10 @@ FunctionTag.add_constructor("!function", lambda loader, node: f"!function {loade
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("lmms")
     assert astrea_eval(["synthetic", "--output", str(root / "bench"), "--num-images", "2"]) == 0
-    save_random_tiny(root / "model")
+    (root / "model").symlink_to(tiny_folder, target_is_directory=True)
     return root
 
 
