@@ -102,10 +102,11 @@ class AstreaProcessor(ProcessorMixin):
         """The processor of `AstreaForConditionalGeneration.from_experts` on the same parts (folders or Hub ids).
 
         The tokenizer is the LLM's, padding on the left, with `<image>` added when it lacks one (the model side adds
-        the matching embedding row). Each expert's input side and normalisation come from its own processor config
-        (`preprocessor_config.json`) where the folder has one, else from its model config: SigLIP and the tagger at
-        their `image_size`, Grounding DINO at `detection_size` (its processor resizes the shortest edge to 800),
-        SAM2 at its backbone's `image_size`. `chat_template` defaults to Vicuna's USER/ASSISTANT turns;
+        the matching embedding row). Each expert's input side comes from its model config, the size its weights
+        were built for: SigLIP and the tagger at their `image_size`, SAM2 at its backbone's `image_size`, Grounding
+        DINO at `detection_size` (its own processor resizes the shortest edge to 800). Its mean and std come from
+        its processor config (`preprocessor_config.json`) where the folder has one, else they are the expert's
+        usual ones. `chat_template` defaults to Vicuna's USER/ASSISTANT turns;
         `image_grid_size` must match the model's (24 by default: 576 visual tokens per image).
         """
         from transformers import AutoTokenizer, PreTrainedConfig

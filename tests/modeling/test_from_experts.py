@@ -1,6 +1,8 @@
 """AstreaForConditionalGeneration.from_experts / AstreaProcessor.from_experts: an Astrea assembled from
 pretrained parts saved as tiny random checkpoints in a temporary folder (nothing is downloaded)."""
 
+import json
+
 import pytest
 import torch
 from astrea_testing import TINY
@@ -19,7 +21,7 @@ from transformers import (
     SiglipModel,
 )
 
-from astrea.processing import AstreaProcessor
+from astrea.processing import AstreaImageProcessor, AstreaProcessor
 from astrea.processing.tokenizer import build_tiny_tokenizer
 from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration, AstreaTaggerModel
 
@@ -215,3 +217,25 @@ def test_a_tokenizer_without_an_image_token_gets_one_and_the_embeddings_one_row(
     assert torch.equal(embeddings[: len(words)], parts["llm"].get_input_embeddings().weight)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
     assert processor.tokenizer.pad_token == "<unk>" and processor.tokenizer.padding_side == "left"
+
+
+def test_processor_sizes_come_from_the_model_configs_and_normalisation_from_the_processor_configs(tmp_path):
+    """Each expert's input side is the one its weights were built for (its model config); its mean and std are its
+    own processor's (`preprocessor_config.json`) where the folder has one, else the expert's usual ones."""
+    paths, parts = save_parts(tmp_path)
+    custom = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"height": 999, "width": 999}}
+    (paths["caption"] / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "SiglipImageProcessor", **custom})
+    )
+    images = AstreaProcessor.from_experts(**paths, image_grid_size=4, detection_size=96).image_processor
+    tiny = AstreaConfig.from_pretrained(TINY)
+    assert images.expert_sizes == {
+        "caption": tiny.caption_config.image_size,  # not the 999 of its processor config
+        "classification": tiny.classification_config.vision_config.image_size,
+        "detection": 96,
+        "segmentation": tiny.segmentation_config.backbone_config.image_size[0],
+    }
+    assert images.expert_image_mean["caption"] == custom["image_mean"]
+    assert images.expert_image_std["caption"] == custom["image_std"]
+    defaults = AstreaImageProcessor.expert_image_mean
+    assert images.expert_image_mean["segmentation"] == list(defaults["segmentation"])
