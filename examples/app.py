@@ -9,6 +9,7 @@ Needs `gradio` (`pip install -e ".[demo]"`; `make app` does it).
 """
 
 import argparse
+import queue
 import threading
 from pathlib import Path
 
@@ -17,6 +18,48 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "outputs" / "demo" / "model"
 RANDOM_MODEL = REPO / "outputs" / "tiny-random"
+
+
+class GenerationError(RuntimeError):
+    """`model.generate` failed in its thread; the message names the error, which is the cause (`__cause__`)."""
+
+
+def stream_generate(model, tokenizer, poll_seconds: float = 0.5, **generate_kwargs):
+    """Runs `model.generate(**generate_kwargs)` in a thread and yields the new text piece by piece as it arrives.
+
+    If generate fails in its thread (out of memory, a bad input), the stream ends and the error is raised here as a
+    GenerationError, where a bare `for piece in TextIteratorStreamer(...)` would wait forever for the end of a stream
+    that never comes. The streamer's queue is read with a timeout of `poll_seconds`: each time it runs out, a thread
+    that has ended ends the loop, and one still running (a slow model, a long prompt) is waited for, however long.
+    """
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=poll_seconds)
+    failures = []
+
+    def generate():
+        try:
+            model.generate(**generate_kwargs, streamer=streamer)
+        except BaseException as error:  # any error: the reader below raises it
+            failures.append(error)
+
+    worker = threading.Thread(target=generate, daemon=True)
+    worker.start()
+    while True:
+        running = worker.is_alive()  # before reading: all a finished thread put in the queue is still read
+        try:
+            piece = next(streamer)
+        except StopIteration:
+            break
+        except queue.Empty:
+            if running:
+                continue
+            break
+        yield piece
+    worker.join()
+    if failures:
+        error = failures[0]
+        raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
 
 class AstreaChat:
@@ -47,9 +90,8 @@ class AstreaChat:
 
     @torch.no_grad()
     def stream(self, image, history: list[dict], question: str):
-        """Yields (answer so far, {expert: share}) as tokens arrive. A missing image or question is a ValueError."""
-        from transformers import TextIteratorStreamer
-
+        """Yields (answer so far, {expert: share}) as tokens arrive. A missing image or question is a ValueError, a
+        failure of `generate` a GenerationError (raised when it happens, after the text streamed before it)."""
         if image is None:
             raise ValueError("Upload an image first.")
         if not question or not question.strip():
@@ -63,22 +105,19 @@ class AstreaChat:
             **pixels, prompt_input_ids=inputs["input_ids"], prompt_attention_mask=inputs["attention_mask"]
         )
         shares = self.router_shares(features.router_probs)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "mm_encoder_outputs": {"image": features},
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": False,
-            "streamer": streamer,
-        }
-        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        worker.start()
+        pieces = stream_generate(
+            self.model,
+            self.processor.tokenizer,
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            mm_encoder_outputs={"image": features},
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+        )
         answer = ""
-        for piece in streamer:
+        for piece in pieces:
             answer += piece
             yield answer.strip(), shares
-        worker.join()
         yield answer.strip(), shares
 
 
@@ -108,12 +147,16 @@ def build_app(chat: AstreaChat, title: str):
         history = list(history or [])
         try:
             stream = chat.stream(image, history, question)
-            history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+            turn = [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
             for answer, shares in stream:
-                history[-1] = {"role": "assistant", "content": answer}
-                yield history, chart(shares), ""
+                turn[-1] = {"role": "assistant", "content": answer}
+                yield [*history, *turn], chart(shares), ""
         except ValueError as error:
             raise gr.Error(str(error)) from None
+        except GenerationError as error:
+            # the chat as it was and the question back in its box, to try again; the traceback goes to the log
+            yield history, gr.skip(), question
+            raise gr.Error(f"The model failed while answering ({error}).") from error
 
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"# {title}\nUpload an image, ask about it; the chart shows each expert's share of the answer.")

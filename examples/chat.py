@@ -4,17 +4,18 @@
 
 Type a question per line; an empty line or end of input quits. The image goes through the four experts once,
 on the first turn; every later turn reuses those fused visual tokens (`mm_encoder_outputs`) instead of running
-the experts again. Answers stream token by token (`TextIteratorStreamer`).
+the experts again. Answers stream token by token (`TextIteratorStreamer`, through app.py's `stream_generate`).
+If generating an answer fails (out of memory, say), the error is one line on stderr and the exit status is 1.
 """
 
 import argparse
 import sys
 from pathlib import Path
-from threading import Thread
 
 import torch
+from app import GenerationError, stream_generate  # examples/app.py; gradio is only imported by its web UI
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
 
@@ -56,22 +57,24 @@ def main():
         with torch.no_grad():
             if features is None:
                 features = model.get_image_features(**image_inputs)  # the experts' only run
-        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(
+        pieces = stream_generate(
+            model,
+            processor.tokenizer,
             **inputs,
             mm_encoder_outputs={"image": features},
-            streamer=streamer,
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
         )
-        thread = Thread(target=model.generate, kwargs=kwargs)
-        thread.start()
         print("astrea> ", end="", flush=True)
         answer = ""
-        for piece in streamer:
-            answer += piece
-            print(piece, end="", flush=True)
-        thread.join()
+        try:
+            for piece in pieces:
+                answer += piece
+                print(piece, end="", flush=True)
+        except GenerationError as error:
+            print(flush=True)
+            print(f"chat.py: {' '.join(str(error).split())}", file=sys.stderr)  # one line, however long
+            raise SystemExit(1) from None
         print()
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     print(f"[{len(messages) // 2} turns; the experts encoded {sum(images_encoded)} image(s) in all]")

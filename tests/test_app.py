@@ -3,6 +3,7 @@ headless Chromium driven by Playwright."""
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +74,66 @@ def test_missing_image_or_question_is_a_clear_error(chat):
         next(chat.stream(picture(), [], "   "))
 
 
+class FailingStreamer:
+    """Hands `generate`'s streamer the prompt and then `tokens` new tokens, then raises `error` inside `generate`,
+    in its thread: what out of memory halfway through an answer looks like to the streaming loop."""
+
+    def __init__(self, streamer, tokens: int, error: Exception):
+        self.streamer, self.puts_left, self.error = streamer, tokens + 1, error  # the prompt is the first put
+
+    def put(self, value):
+        if self.puts_left == 0:
+            raise self.error
+        self.puts_left -= 1
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
+
+
+def fail_generate(monkeypatch, model, tokens: int) -> Exception:
+    """Makes `model.generate` fail after streaming `tokens` tokens; returns the error it raises."""
+    error = RuntimeError("out of memory (simulated)")
+    generate = type(model).generate
+
+    def failing_generate(self, *args, streamer, **kwargs):
+        return generate(self, *args, streamer=FailingStreamer(streamer, tokens, error), **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", failing_generate)
+    return error
+
+
+@pytest.mark.timeout(60)  # the old loop waited forever for the end of the stream
+@pytest.mark.parametrize("tokens", [0, 3], ids=["before-the-first-token", "after-three-tokens"])
+def test_a_failure_inside_generate_ends_the_stream_with_the_error(chat, monkeypatch, tokens):
+    full_answer, _ = list(chat.stream(picture(), [], "What colour is the circle?"))[-1]
+    error = fail_generate(monkeypatch, chat.model, tokens)
+    steps = []
+    expected = r"generation failed: RuntimeError: out of memory \(simulated\)"
+    with pytest.raises(app.GenerationError, match=expected) as info:
+        for step in chat.stream(picture(), [], "What colour is the circle?"):
+            steps.append(step)
+    assert info.value.__cause__ is error
+    assert len(steps) == tokens  # a step per token streamed before the error (a token's text may still be empty)
+    assert all(full_answer.startswith(answer) for answer, _ in steps)
+
+
+@pytest.mark.timeout(60)
+def test_the_page_shows_a_failed_generation_and_gives_the_question_back(chat, monkeypatch):
+    import gradio as gr
+
+    blocks = app.build_app(chat, "Astrea (test)")
+    respond = next(f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "respond")
+    fail_generate(monkeypatch, chat.model, tokens=3)
+    history = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "a circle"}]
+    outputs = []
+    with pytest.raises(gr.Error, match="out of memory"):
+        for output in respond(picture(), history, "What colour?"):
+            outputs.append(output)
+    chat_shown, _, question_box = outputs[-1]
+    assert chat_shown == history and question_box == "What colour?"  # no half answer; the question to try again
+
+
 def test_the_app_builds_with_its_components(chat):
     import gradio as gr
 
@@ -99,9 +160,32 @@ CHROMIUM_FLAGS = [
 ]
 
 
+#: the router chart's bars: Vega draws it as SVG, and labels each bar, for screen readers, with its data
+BARS = "#router-chart svg [aria-roledescription='bar']"
+
+
+def drawn_bars(page) -> list[dict]:
+    """Each bar of the router chart, left to right: its label ("expert: caption; share: 0.25") and drawn height."""
+    return page.evaluate(
+        f"() => [...document.querySelectorAll({BARS!r})]"
+        ".map(b => ({label: b.getAttribute('aria-label'), height: b.getBBox().height}))"
+    )
+
+
+def bar_shares(bars: list[dict]) -> dict[str, float]:
+    """{expert: share} as the bars' labels print them."""
+    labels = [re.fullmatch(r"expert: (\w+); share: (\S+)", bar["label"]) for bar in bars]
+    assert all(labels), [bar["label"] for bar in bars]
+    return {label[1]: float(label[2]) for label in labels}
+
+
 @pytest.mark.browser
-def test_the_page_in_a_real_browser_answers_and_draws_the_router_chart(model_folder, tmp_path):
+def test_the_page_in_a_real_browser_answers_and_draws_the_router_chart(model_folder, chat, tmp_path):
     from playwright.sync_api import sync_playwright
+
+    question = "What colour is the circle?"
+    *_, (_, expected) = chat.stream(picture(), [], question)  # the same model folder, in this process
+    assert any(expected.values())
 
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
@@ -124,9 +208,11 @@ def test_the_page_in_a_real_browser_answers_and_draws_the_router_chart(model_fol
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(url)
+            page.wait_for_function(f"() => document.querySelectorAll({BARS!r}).length === {len(EXPERT_NAMES)}")
+            before = drawn_bars(page)
             page.locator("#image input[type=file]").set_input_files(str(image_file))
             page.locator("#image img").first.wait_for(timeout=30_000)  # the upload is shown
-            page.locator("#question textarea").fill("What colour is the circle?")
+            page.locator("#question textarea").fill(question)
             page.locator("#send").click()
             bot = page.locator("#chat .bot, #chat [data-testid='bot']").last
             bot.wait_for(timeout=60_000)
@@ -136,14 +222,23 @@ def test_the_page_in_a_real_browser_answers_and_draws_the_router_chart(model_fol
                 timeout=60_000,
             )
             answer = bot.inner_text().strip()
-            chart = page.locator("#router-chart")
-            marks = chart.locator("canvas, svg .mark-rect path, svg path")
-            marks.first.wait_for(timeout=30_000)
-            drawn = marks.count()
+            page.wait_for_function(  # the chart is redrawn with the answer's shares
+                f"before => [...document.querySelectorAll({BARS!r})].map(b => b.getAttribute('aria-label')).join()"
+                " !== before",
+                arg=",".join(bar["label"] for bar in before),
+                timeout=60_000,
+            )
+            after = drawn_bars(page)
             page.screenshot(path=str(os.environ.get("ASTREA_APP_SCREENSHOT", tmp_path / "app.png")))
             browser.close()
         assert answer, "no answer in the chat"
-        assert drawn > 0, "the router chart drew nothing"
+        assert bar_shares(before) == dict.fromkeys(EXPERT_NAMES, 0.0), "the page should load with an empty chart"
+        # the bars' labels print the shares to 10 decimals; the server computed them in another process
+        assert bar_shares(after) == pytest.approx(expected, abs=1e-6)
+        # and the bars are drawn that tall: on the 0..1 axis, their heights add up to the total of the shares, 1
+        total = sum(bar["height"] for bar in after)
+        for bar, expert in zip(after, bar_shares(after), strict=True):
+            assert bar["height"] == pytest.approx(expected[expert] * total, abs=0.5), bar  # to half a pixel
     finally:
         server.terminate()
         server.wait(timeout=30)
