@@ -33,14 +33,20 @@ def run_demo(model_folder) -> subprocess.CompletedProcess:
 
 
 def test_readme_python_snippets_run(tmp_path):
-    """In README order, after `make demo` (whose model folder the pipeline snippet uses)."""
-    assert run_demo(REPO / "outputs" / "tiny-random").returncode == 0
+    """In README order, in a working folder of their own: the repository's `examples/` is there as in a clone, and
+    `outputs/tiny-random` is what `make ask` writes (the pipeline snippet loads it). Nothing goes into the
+    repository's own `outputs/`."""
+    (tmp_path / "examples").symlink_to(REPO / "examples", target_is_directory=True)
+    assert run_demo(tmp_path / "outputs" / "tiny-random").returncode == 0
     readme = (REPO / "README.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert snippets, "the README shows Python usage"
     for snippet in snippets:
-        result = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "outputs" / "readme-model" / "config.json").exists()  # the first snippet saved here
 
 
 def test_chat_streams_answers_and_encodes_the_image_once(tmp_path):
