@@ -351,7 +351,7 @@ def p4_multi_turn(config: str, repeats: int) -> dict:
     inputs = inputs_for(model, processor, turns=2)
     pixels = {k: v for k, v in inputs.items() if k.endswith("pixel_values") or k.startswith("detection_")}
     text = {k: v for k, v in inputs.items() if k not in pixels}
-    features = model.get_image_features(**pixels)  # from the first turn
+    features = model.get_image_features(**pixels, return_dict=True)  # from the first turn
     generate = {"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False}
     times = medians(
         {

@@ -7,7 +7,7 @@
                                                                       # the same rows as lmms-eval tasks
 
 `--data` is a JSONL file (images relative to it) or a `datasets` folder; the format is in
-astrea/evaluation/benchmark.py and the README.
+astrea/evaluation/benchmark.py and docs/evaluation.md.
 """
 
 import argparse

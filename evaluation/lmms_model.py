@@ -163,7 +163,7 @@ class Astrea(lmms):
             encoded = {}
             if visuals:  # the experts, the router and the adapters, once for every continuation of this prompt
                 features = self.model.get_image_features(
-                    **prompt, prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask
+                    **prompt, prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask, return_dict=True
                 )
                 encoded["image"] = features
             for index in indices:

@@ -21,7 +21,17 @@ RANDOM_MODEL = REPO / "outputs" / "tiny-random"
 
 
 class GenerationError(RuntimeError):
-    """`model.generate` failed in its thread; the message names the error, which is the cause (`__cause__`)."""
+    """The model failed while answering (the experts on the image, or `generate` in its thread); the message names
+    the error, which is the cause (`__cause__`)."""
+
+
+def encode_image(model, **inputs):
+    """`model.get_image_features(**inputs)` (the experts run here, where memory runs out first at real scale), with a
+    failure raised as a GenerationError."""
+    try:
+        return model.get_image_features(**inputs, return_dict=True)
+    except Exception as error:
+        raise GenerationError(f"the experts failed on the image: {type(error).__name__}: {error}") from error
 
 
 def stream_generate(model, tokenizer, poll_seconds: float = 0.5, **generate_kwargs):
@@ -32,30 +42,41 @@ def stream_generate(model, tokenizer, poll_seconds: float = 0.5, **generate_kwar
     that never comes. The streamer's queue is read with a timeout of `poll_seconds`: each time it runs out, a thread
     that has ended ends the loop, and one still running (a slow model, a long prompt) is waited for, however long.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=poll_seconds)
-    failures = []
+    failures, abandoned = [], threading.Event()
+
+    class StopWhenAbandoned(StoppingCriteria):
+        """Ends generation once the reader has stopped reading (a closed page, a cancelled request)."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    stopping = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), StopWhenAbandoned()])
 
     def generate():
         try:
-            model.generate(**generate_kwargs, streamer=streamer)
+            model.generate(**generate_kwargs, streamer=streamer, stopping_criteria=stopping)
         except BaseException as error:  # any error: the reader below raises it
             failures.append(error)
 
     worker = threading.Thread(target=generate, daemon=True)
     worker.start()
-    while True:
-        running = worker.is_alive()  # before reading: all a finished thread put in the queue is still read
-        try:
-            piece = next(streamer)
-        except StopIteration:
-            break
-        except queue.Empty:
-            if running:
-                continue
-            break
-        yield piece
+    try:
+        while True:
+            running = worker.is_alive()  # before reading: all a finished thread put in the queue is still read
+            try:
+                piece = next(streamer)
+            except StopIteration:
+                break
+            except queue.Empty:
+                if running:
+                    continue
+                break
+            yield piece
+    finally:  # also when the reader stops early (the generator is closed): the thread ends at its next step
+        abandoned.set()
     worker.join()
     if failures:
         error = failures[0]
@@ -91,7 +112,8 @@ class AstreaChat:
     @torch.no_grad()
     def stream(self, image, history: list[dict], question: str):
         """Yields (answer so far, {expert: share}) as tokens arrive. A missing image or question is a ValueError, a
-        failure of `generate` a GenerationError (raised when it happens, after the text streamed before it)."""
+        failure of the experts or of `generate` a GenerationError (raised when it happens, after the text streamed
+        before it)."""
         if image is None:
             raise ValueError("Upload an image first.")
         if not question or not question.strip():
@@ -101,8 +123,11 @@ class AstreaChat:
         )
         inputs = self.processor(images=[image], text=[prompt], return_tensors="pt")
         pixels = {k: v for k, v in inputs.items() if "pixel" in k or k.startswith("detection_")}
-        features = self.model.model.get_image_features(
-            **pixels, prompt_input_ids=inputs["input_ids"], prompt_attention_mask=inputs["attention_mask"]
+        features = encode_image(
+            self.model.model,
+            **pixels,
+            prompt_input_ids=inputs["input_ids"],
+            prompt_attention_mask=inputs["attention_mask"],
         )
         shares = self.router_shares(features.router_probs)
         pieces = stream_generate(

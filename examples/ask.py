@@ -58,7 +58,7 @@ def main():
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
 
     with torch.no_grad():
-        features = model.get_image_features(**{k: v for k, v in inputs.items() if "pixel" in k})
+        features = model.get_image_features(**{k: v for k, v in inputs.items() if "pixel" in k}, return_dict=True)
         start = time.perf_counter()
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - start

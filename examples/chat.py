@@ -5,7 +5,8 @@
 Type a question per line; an empty line or end of input quits. The image goes through the four experts once,
 on the first turn; every later turn reuses those fused visual tokens (`mm_encoder_outputs`) instead of running
 the experts again. Answers stream token by token (`TextIteratorStreamer`, through app.py's `stream_generate`).
-If generating an answer fails (out of memory, say), the error is one line on stderr and the exit status is 1.
+If answering fails (the experts or generation: out of memory, say), the error is one line on stderr and the
+exit status is 1.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from app import GenerationError, stream_generate  # examples/app.py; gradio is only imported by its web UI
+from app import GenerationError, encode_image, stream_generate  # examples/app.py (gradio only in its web UI)
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -54,20 +55,20 @@ def main():
         prompt = prompt.replace(processor.image_token, expanded)
         inputs = processor.tokenizer(prompt, return_tensors="pt")
 
-        with torch.no_grad():
-            if features is None:
-                features = model.get_image_features(**image_inputs)  # the experts' only run
-        pieces = stream_generate(
-            model,
-            processor.tokenizer,
-            **inputs,
-            mm_encoder_outputs={"image": features},
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-        )
         print("astrea> ", end="", flush=True)
         answer = ""
         try:
+            if features is None:
+                with torch.no_grad():
+                    features = encode_image(model, **image_inputs)  # the experts' only run
+            pieces = stream_generate(
+                model,
+                processor.tokenizer,
+                **inputs,
+                mm_encoder_outputs={"image": features},
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+            )
             for piece in pieces:
                 answer += piece
                 print(piece, end="", flush=True)

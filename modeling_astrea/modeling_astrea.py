@@ -754,7 +754,7 @@ class AstreaModel(AstreaPreTrainedModel):
             per_expert = tuple(expert_features[name] for name in EXPERT_NAMES if name in needed)
         # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
         return AstreaImageFeatures(
-            last_hidden_state=torch.cat(per_expert, dim=-1),
+            last_hidden_state=torch.cat([t.to(per_expert[0].device) for t in per_expert], dim=-1),  # device_map
             pooler_output=output.pooler_output,
             hidden_states=per_expert if output_hidden_states else None,
             router_probs=output.router_probs,

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -132,6 +133,50 @@ def test_the_page_shows_a_failed_generation_and_gives_the_question_back(chat, mo
             outputs.append(output)
     chat_shown, _, question_box = outputs[-1]
     assert chat_shown == history and question_box == "What colour?"  # no half answer; the question to try again
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_of_the_experts_is_shown_as_well(chat, monkeypatch):
+    """The experts run before generation, outside its thread; at real scale that is where memory runs out first."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated, experts)")
+
+    monkeypatch.setattr(chat.model.model, "get_image_features", fail)
+    with pytest.raises(app.GenerationError, match=r"the experts failed on the image: RuntimeError: out of memory"):
+        next(chat.stream(picture(), [], "What colour is the circle?"))
+
+
+@pytest.mark.timeout(60)
+def test_generation_stops_when_the_reader_stops_reading(chat):
+    """A closed page or cancelled request closes the stream: its thread must stop generating, not run on to
+    max_new_tokens beside the next request."""
+    from transformers import StoppingCriteria
+
+    steps = []
+
+    class Count(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            steps.append(input_ids.shape[1])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    inputs = chat.processor(images=[picture()], text=[chat.processor.apply_chat_template(
+        chat.messages([], "What colour?"), add_generation_prompt=True)], return_tensors="pt")  # fmt: skip
+    pieces = app.stream_generate(
+        chat.model,
+        chat.processor.tokenizer,
+        **inputs,
+        max_new_tokens=2000,
+        min_new_tokens=2000,  # no end of sequence: only the reader's leaving can stop it early
+        do_sample=False,
+        stopping_criteria=[Count()],
+    )
+    running = set(threading.enumerate())
+    next(pieces)  # starts generate's thread
+    pieces.close()
+    for thread in set(threading.enumerate()) - running:
+        thread.join(timeout=30)
+    assert steps and len(steps) < 200, len(steps)  # it stopped within a few steps of the close, not at 2000
 
 
 def test_the_app_builds_with_its_components(chat):

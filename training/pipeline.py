@@ -239,7 +239,11 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         state = AstreaForConditionalGeneration.from_pretrained(stage_dir / "model").state_dict()
         model.load_state_dict(state)
         return record
-    checkpoints = sorted(stage_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    # complete checkpoints only: the Trainer writes trainer_state.json last, so a save cut short by a kill has none
+    checkpoints = sorted(
+        (p for p in stage_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     resume_from = str(checkpoints[-1]) if ws.resume and checkpoints else None
     history = HistoryCallback(measure if ws.track_heldout else None, every=max(1, steps // 5))
     trainer = AstreaSFTTrainer(
@@ -367,6 +371,7 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
             expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()},
             prompt_input_ids=batch["input_ids"].to(device),  # read by the sample-level router only
             prompt_attention_mask=batch["attention_mask"].to(device),
+            return_dict=True,
         )
         out = model.generate(
             **{k: v.to(device) for k, v in batch.items()},
@@ -425,6 +430,7 @@ class CachedInputs:
             expert_features=batch.pop("expert_features"),
             prompt_input_ids=batch["input_ids"],  # read by the sample-level router only
             prompt_attention_mask=batch["attention_mask"],
+            return_dict=True,
         )
         return {**batch, "mm_encoder_outputs": {"image": features}}
 

@@ -4,6 +4,8 @@ raised before any work starts.
 """
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,8 +222,39 @@ def _build(cls, data: dict, source: str, prefix: str):
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: {prefix + name} must be a mapping, got {value!r}.")
             value = _build(type(default), value, source, f"{prefix}{name}.")
+        else:
+            value = _typed(value, fields[name].type, f"{source}: {prefix + name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _typed(value, annotation, where: str):
+    """`value` checked against a field's annotation (bool, int, float, str, lists of those, dicts, optional ones).
+    A float field also takes an int and a number written as text: YAML reads `1e-4` (no dot) as a string."""
+    if annotation is Any:
+        return value
+    if isinstance(annotation, types.UnionType):
+        if value is None and type(None) in annotation.__args__:
+            return None
+        (annotation,) = [arg for arg in annotation.__args__ if arg is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ValueError(f"{where} must be a {origin.__name__}, got {value!r}.")
+        if origin is list:
+            return [_typed(item, typing.get_args(annotation)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+        return value
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[annotation]
+        raise ValueError(f"{where} must be {kind}, got {value!r}.")
+    return value
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from astrea_testing import REPO
 
 ACCELERATE = sorted((REPO / "training" / "recipes" / "accelerate").glob("*.yaml"))
+TINY_RECIPE = REPO / "training" / "recipes" / "tiny.yaml"  # `make demo`'s
 
 
 def astrea_train(*args, cwd=REPO):
@@ -42,7 +43,7 @@ def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
     out = tmp_path / "demo"
     overrides = [arg for item in DEMO_SCALED_DOWN for arg in ("--set", item)]
     result = astrea_train(
-        "all", "--recipe", "training/recipes/tiny.yaml", "--output-dir", str(out), "--cache-dir",
+        "all", "--recipe", str(TINY_RECIPE), "--output-dir", str(out), "--cache-dir",
         str(tmp_path / "cache"), *overrides,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,7 +55,7 @@ def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
     stages = [stage["stage"] for stage in json.loads((out / "metrics.json").read_text())["stages"]]
     assert stages == ["1-caption", "2-classification", "3-detection", "4-segmentation", "instruct"]
 
-    recipe = Recipe.from_yaml("training/recipes/tiny.yaml", DEMO_SCALED_DOWN)
+    recipe = Recipe.from_yaml(str(TINY_RECIPE), DEMO_SCALED_DOWN)
     initial, _ = build_model(recipe)  # the same seed: the weights the run started from
     trained = AstreaForConditionalGeneration.from_pretrained(out / "model")
     # the recipe's model overrides reached the saved model
@@ -77,21 +78,26 @@ def test_set_overrides_one_field_and_bad_ones_are_one_line_errors(tmp_path, caps
     from astrea.training import cli
     from astrea.training.recipe import Recipe
 
-    recipe = Recipe.from_yaml("training/recipes/tiny.yaml", ["instruct.steps=7", "prealign.order=[caption]",
+    recipe = Recipe.from_yaml(str(TINY_RECIPE), ["instruct.steps=7", "prealign.order=[caption]",
                               "prealign.stage_steps=[5]", "model.overrides.router_top_k=2"])  # fmt: skip
-    shipped = Recipe.from_yaml("training/recipes/tiny.yaml")
+    shipped = Recipe.from_yaml(str(TINY_RECIPE))
     assert (recipe.instruct.steps, recipe.prealign.stage_steps) == (7, [5])
     assert recipe.model.overrides["router_top_k"] == 2
     assert recipe.model.overrides["image_grid_size"] == shipped.model.overrides["image_grid_size"]  # merged, kept
     assert recipe.instruct.learning_rate == shipped.instruct.learning_rate
+    # YAML reads 1e-4 (no dot) as text: a number field takes it as the number it spells
+    assert Recipe.from_yaml(TINY_RECIPE, ["instruct.learning_rate=1e-4"]).instruct.learning_rate == 1e-4
     for bad, message in [
         ("instruct.steps", "expected SECTION.KEY=VALUE"),
         ("instruct..steps=3", "expected SECTION.KEY=VALUE"),
         ("instruct.stepz=3", "unknown key 'instruct.stepz'"),
         ("prealign.stage_steps=[1, 2", "not valid YAML"),
         ("prealign.stage_steps=[1,2]", "prealign.stage_steps has 2 entries for 4 stages"),
+        ("instruct.steps=abc", "instruct.steps must be an integer, got 'abc'"),
+        ("prealign.stage_steps=[1,2,x,4]", "prealign.stage_steps[2] must be an integer, got 'x'"),
+        ("instruct.lora=3", "instruct.lora must be true or false, got 3"),
     ]:
-        code = cli.main(["all", "--recipe", "training/recipes/tiny.yaml", "--output-dir", str(tmp_path / "run"),
+        code = cli.main(["all", "--recipe", str(TINY_RECIPE), "--output-dir", str(tmp_path / "run"),
                          "--set", bad])  # fmt: skip
         stderr = capsys.readouterr().err
         assert code == 2, bad

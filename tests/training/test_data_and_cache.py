@@ -1,10 +1,9 @@
 """The synthetic data set, the recipe file and the feature cache."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from astrea_testing import REPO
 from PIL import Image
 
 from astrea.processing import AstreaImageProcessor
@@ -119,7 +118,7 @@ def test_a_recipe_can_extend_another(tmp_path):
 
 
 def test_shipped_recipes_load():
-    shipped = sorted(Path("training/recipes").glob("*.yaml"))
+    shipped = sorted((REPO / "training" / "recipes").glob("*.yaml"))
     assert {p.stem for p in shipped} >= {"tiny", "ablation", "ablation-quick", "astrea-13b", "astrea-34b"}
     for path in shipped:
         recipe = Recipe.from_yaml(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from astrea_testing import REPO
+from astrea_testing import REPO, TINY
 from transformers import TrainerCallback
 
 from astrea.training import pipeline
@@ -27,7 +27,7 @@ def micro_recipe_dict(tmp_path, cache_dir=None, **sections) -> dict:
     data = {
         "output_dir": str(tmp_path / "run"),
         "cache_dir": str(cache_dir or tmp_path / "cache"),
-        "model": {"config": "examples/configs/tiny"},
+        "model": {"config": str(TINY)},
         "data": {"num_train": 12, "num_test": 4},
         "prealign": {
             "stage_steps": [2, 2, 2, 2],
@@ -190,6 +190,7 @@ def killed_and_resumed(tmp_path_factory):
         "stage_1": (stages / "1-caption" / "stage.json").read_text(),
         "stage_1_weights": (stages / "1-caption" / "model" / "model.safetensors").stat().st_mtime_ns,
     }
+    (stages / "2-classification" / "checkpoint-3").mkdir()  # as a kill in the middle of a save would leave it
     resumed = astrea_train("prealign", "--recipe", str(recipe_file), "--resume")
     reference = pipeline.run(micro_recipe(root / "reference", root / "cache", **sections), ("prealign",))
     return root, recipe_file, before, resumed, reference
@@ -205,7 +206,8 @@ def test_a_killed_stage_resumes_from_its_checkpoint_and_finished_stages_load(kil
     assert "stage 1-caption: finished in an earlier run, loading it" in resumed.stderr
     assert (stages / "1-caption" / "stage.json").read_text() == before["stage_1"]
     assert (stages / "1-caption" / "model" / "model.safetensors").stat().st_mtime_ns == before["stage_1_weights"]
-    # stage 2 continued from its step-2 checkpoint: only step 3 trained in the resumed run
+    # stage 2 continued from its last complete checkpoint (step 2; not the half-written checkpoint-3): only step 3
+    # trained in the resumed run
     record = json.loads((stages / "2-classification" / "stage.json").read_text())
     assert record["resumed_from"] == 2
     assert [step for step, _ in record["loss"]] == [3]
