@@ -364,7 +364,14 @@ class AstreaMoCo(nn.Module):
     Queries: the online head on mean-pooled fused visual tokens. Keys: the momentum (EMA) copy of that head on
     the mean-pooled input embeddings of the paired target text, under no_grad. Negatives: the batch's other keys
     and a queue of earlier keys (gathered across processes under torch.distributed).
+
+    The EMA update (Eq. 8) belongs once to each optimizer step. By default `forward` makes it in training mode,
+    which is once per step in a plain training loop; a trainer that accumulates gradients over several forwards
+    sets `update_in_forward = False` and calls `momentum_update()` after each optimizer step instead
+    (`AstreaSFTTrainer` does).
     """
+
+    update_in_forward: bool = True
 
     def __init__(self, config: AstreaConfig):
         super().__init__()
@@ -391,11 +398,23 @@ class AstreaMoCo(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor):
-        """Write the batch's keys (from every process) over the oldest entries of the ring buffer."""
+        """Write the batch's keys (from every process) over the oldest entries of the ring buffer.
+
+        Under torch.distributed every process must call this at the same point of each training step, with however
+        many keys it has (none included): the processes' key counts are exchanged first, so they may differ."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [torch.empty_like(keys) for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather(gathered, keys.contiguous())
-            keys = torch.cat(gathered)
+            world = torch.distributed.get_world_size()
+            count = torch.tensor([keys.shape[0]], device=keys.device)
+            counts = [torch.zeros_like(count) for _ in range(world)]
+            torch.distributed.all_gather(counts, count)
+            counts = [int(c) for c in counts]
+            padded = keys.new_zeros(max(counts), keys.shape[-1])
+            padded[: keys.shape[0]] = keys
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            torch.distributed.all_gather(gathered, padded)
+            keys = torch.cat([rows[:n] for rows, n in zip(gathered, counts, strict=True)])
+        if keys.shape[0] == 0:
+            return
         size = self.queue.shape[0]
         keys = keys[-size:]
         index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
@@ -412,7 +431,7 @@ class AstreaMoCo(nn.Module):
 
     def forward(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
         """pooled_visual, pooled_text: [B, D] for B image-text pairs -> scalar L_moco (Eq. 7)."""
-        if self.training:
+        if self.training and self.update_in_forward:
             self.momentum_update()
         queries = self.embed_images(pooled_visual)  # [B, d]
         keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d]
@@ -424,6 +443,14 @@ class AstreaMoCo(nn.Module):
         if self.training:
             self.enqueue(keys)
         return loss
+
+    def skip(self) -> torch.Tensor:
+        """A training step without image-text pairs on this process: it still takes part in the other processes'
+        key exchange (which would otherwise wait for it forever) and returns a zero that touches the head's
+        parameters, so that DDP's gradient reduction finds every parameter used."""
+        if self.training:
+            self.enqueue(self.queue.new_zeros(0, self.queue.shape[-1]))
+        return sum(p.sum() * 0.0 for p in self.head.parameters() if p.requires_grad) + self.queue.new_zeros(())
 
 
 # --- Models -------------------------------------------------------------------------------------------------
@@ -1140,11 +1167,19 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             # MoCo belongs to instruction tuning (Sec. 3.2.1); pre-alignment stages train on L_reg alone
             aligning = self.model.alignment is not None
             has_images = outputs.image_hidden_states is not None and input_ids is not None
-            if self.config.use_moco and not aligning and has_images:
-                pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states)
+            if self.config.use_moco and not aligning:
+                pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states) if has_images else None
                 if pairs is not None:
                     loss_moco = self.moco(*pairs)  # Eq. 5-8
-                    loss = loss_reg + self.config.moco_weight * loss_moco  # Eq. 11
+                    # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers'
+                    # Trainer passes it), L_reg is this micro-batch's token sum over that count, and MoCo is
+                    # weighted by the same share: the micro-batches' losses then add up to the batch's loss.
+                    share = 1.0
+                    if kwargs.get("num_items_in_batch") is not None:
+                        share = (labels[..., 1:] != -100).sum() / kwargs["num_items_in_batch"]
+                    loss = loss_reg + self.config.moco_weight * share * loss_moco  # Eq. 11
+                elif self.training:  # no pairs here, but other processes may have some
+                    loss = loss_reg + self.moco.skip()
 
         return AstreaCausalLMOutputWithPast(
             loss=loss,

@@ -153,19 +153,50 @@ def decoded_images(split_data, split: str, keys: list[str]):
 # --- training ----------------------------------------------------------------------------------------------
 
 
+class MomentumUpdate(TrainerCallback):
+    """MoCo's EMA update (Eq. 8) once per optimizer step, however many forwards the step accumulates."""
+
+    def __init__(self, model):
+        self.config, self.moco = model.config, model.moco
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.moco.update_in_forward = False
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # only while MoCo trains: not in pre-alignment, nor in instruction tuning without it
+        if self.config.use_moco and any(p.requires_grad for p in self.moco.head.parameters()):
+            self.moco.momentum_update()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.moco.update_in_forward = True
+
+
 class AstreaSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the model's own: L_reg + mu * L_moco (Eq. 11), with both parts logged.
 
-    TRL's default loss scores the LM head on the backbone alone, which would bypass Astrea's MoCo term."""
+    TRL's default loss scores the LM head on the backbone alone, which would bypass Astrea's MoCo term. Under
+    gradient accumulation the model gets the Trainer's `num_items_in_batch` (label tokens of the whole accumulated
+    batch, over every process with `average_tokens_across_devices`) and returns its share of the batch's loss, so
+    that the accumulated gradient is the one-batch gradient; MoCo's momentum head is updated once per optimizer
+    step (MomentumUpdate)."""
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        model = kwargs["model"]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+        super().__init__(*args, callbacks=[MomentumUpdate(base), *(callbacks or [])], **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, use_cache=False)
+        counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, use_cache=False, **counted)
         mode = "train" if model.training else "eval"
         for name in ("loss_reg", "loss_moco"):
             value = getattr(outputs, name, None)
             if value is not None:
                 self._metrics[mode][name].append(value.detach().float().item())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # the count spans every process; DDP averages gradients
+        return (loss, outputs) if return_outputs else loss
 
 
 class HistoryCallback(TrainerCallback):
@@ -208,6 +239,12 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=args.gradient_checkpointing,
         report_to="none",
+        # the loss is the model's own (AstreaSFTTrainer.compute_loss): pinned, so that no TRL default replaces it
+        loss_type="nll",
+        completion_only_loss=False,
+        assistant_only_loss=False,
+        use_liger_kernel=False,
+        average_tokens_across_devices=True,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,

@@ -82,7 +82,7 @@ def test_keys_are_gathered_across_processes(tiny_config):
             moco.enqueue(torch.ones(2, tiny_config.moco_embed_dim))
         finally:
             torch.distributed.all_gather = original
-        assert calls == [torch.Size([2, tiny_config.moco_embed_dim])]
+        assert calls == [torch.Size([1]), torch.Size([2, tiny_config.moco_embed_dim])]  # the counts, then keys
         assert int(moco.queue_len) == 2
     finally:
         torch.distributed.destroy_process_group()
@@ -98,3 +98,52 @@ def test_loss_in_forward_is_reg_plus_mu_moco(tiny_model, tiny_config):
     out = AstreaForConditionalGeneration(no_moco)(input_ids=ids, labels=labels, **random_pixels(tiny_config, 2))
     assert out.loss_moco is None
     torch.testing.assert_close(out.loss, out.loss_reg)
+
+
+def test_processes_with_different_pair_counts_and_one_with_none_share_one_queue(tmp_path):
+    """Two CPU processes: 2 and 1 pairs in the first step, 1 and none (a text-only batch) in the second. Keys of
+    different counts are gathered, the process without pairs still joins the exchange (the others would wait for
+    it forever), and both end with the same queue of the 4 keys."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from astrea_testing import REPO
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = Path(__file__).with_name("moco_ranks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["moco"][1] is not None and ranks[1]["moco"][1] is None  # rank 1's second step had no pairs
+    assert ranks[0]["queue_len"] == ranks[1]["queue_len"] == 2 + 1 + 1
+    torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])
+    assert ranks[0]["queue"][:4].abs().sum(dim=1).gt(0).all()  # four real (normalised) keys
+
+
+def test_with_num_items_in_batch_the_loss_is_this_micro_batchs_share(tiny_config):
+    """transformers' Trainer passes the label-token count of the whole accumulated batch: L_reg becomes a token sum
+    over it and MoCo is weighted by the micro-batch's share of those tokens, so micro-batch losses add up."""
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(tiny_config).train()
+    model.moco.update_in_forward = False  # the same momentum head for both calls
+    ids = torch.tensor([prompt_ids(tiny_config, [40, 41, 42, 43]), prompt_ids(tiny_config, [50, 51, 52, 53])])
+    labels = ids.masked_fill(ids == tiny_config.image_token_id, -100)
+    pixels = random_pixels(tiny_config, 2)
+    plain = model(input_ids=ids, labels=labels, **pixels)
+    model.moco.queue_len.zero_()  # the first call enqueued its keys; the second must see the same (empty) queue
+    counted = model(input_ids=ids, labels=labels, **pixels, num_items_in_batch=torch.tensor(4 * 8))
+    here = int((labels[..., 1:] != -100).sum())  # after the causal shift: the 4 text tokens of each sample
+    torch.testing.assert_close(counted.loss_reg, plain.loss_reg * here / 32)
+    torch.testing.assert_close(counted.loss_moco, plain.loss_moco)
+    expected = counted.loss_reg + tiny_config.moco_weight * (here / 32) * counted.loss_moco
+    torch.testing.assert_close(counted.loss, expected)

@@ -1,5 +1,6 @@
 """A few steps of every phase on a micro recipe: what trains, what stays frozen, checkpoints, resume, errors."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -261,3 +262,72 @@ def test_bad_rows_are_named(tmp_path):
     ).save_to_disk(tmp_path / "data2")
     with pytest.raises(ValueError, match="train row 2 has no image"):
         pipeline.prepare(micro_recipe(tmp_path, data={"path": str(tmp_path / "data2")}))
+
+
+def one_optimizer_step(ws, examples, batch_size: int, accumulation: int, use_moco: bool, **config):
+    """One SGD step of instruction tuning from the same start: (parameters after, momentum head after, trainer)."""
+    from datasets import Dataset
+
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(ws.model.config).train()
+    model.load_state_dict(ws.model.state_dict())
+    model.config.use_moco = use_moco
+    pipeline.set_trainable(model, [model.model.router, model.model.adapters, model.moco.head], language_model=True)
+    args = ws.recipe.instruct
+    settings = pipeline.sft_config(args, 1, ws.output_dir / f"ga-{accumulation}", ws.recipe.seed)
+    settings = dataclasses.replace(
+        settings,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",  # an update proportional to the gradient (Adam's first step is its sign, whatever its scale)
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,  # no clipping: it would hide a wrong scale
+        save_steps=1000,
+        **config,
+    )
+    trainer = pipeline.AstreaSFTTrainer(
+        model=model,
+        args=settings,
+        train_dataset=Dataset.from_list(examples),
+        data_collator=ws.collator,
+        processing_class=ws.processor.tokenizer,
+    )
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+def test_gradient_accumulation_gives_the_one_batch_update(tmp_path, feature_cache_dir):
+    """Four micro-batches of 2 accumulated into one optimizer step move every parameter as one batch of the same 8
+    examples does (the Trainer's `num_items_in_batch`: before, the model's mean loss per micro-batch made the
+    accumulated gradient 4 times too large)."""
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
+    examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions"])[:8]
+    start = {n: p.detach().clone() for n, p in ws.model.named_parameters()}
+    whole, _ = one_optimizer_step(ws, examples, batch_size=8, accumulation=1, use_moco=False)
+    accumulated, _ = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=False)
+    moved = [n for n in whole if not torch.equal(whole[n], start[n])]
+    assert any(n.startswith("model.language_model.") for n in moved) and any("router" in n for n in moved)
+    for name in moved:
+        torch.testing.assert_close(accumulated[name] - start[name], whole[name] - start[name], atol=2e-6, rtol=2e-3)
+
+
+def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache_dir):
+    """Eq. 8 once per optimizer step, after it: theta_M = m * theta_M + (1 - m) * theta_E with the stepped online
+    head, however many micro-batches the step accumulated (before, once per micro-batch: m to the 4th)."""
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
+    ws.model.moco.reset_momentum_head()
+    with torch.no_grad():
+        for p in ws.model.moco.head.parameters():
+            p.add_(0.5)  # online and momentum heads differ from the start
+    momentum_before = [p.detach().clone() for p in ws.model.moco.momentum_head.parameters()]
+    examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions"])[:8]
+    after, trainer = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=True)
+    m = ws.model.config.moco_momentum
+    model = trainer.model
+    assert model.moco.update_in_forward  # handed back after training
+    for index, (momentum, old) in enumerate(zip(model.moco.momentum_head.parameters(), momentum_before, strict=True)):
+        online = list(model.moco.head.parameters())[index]
+        torch.testing.assert_close(momentum, m * old + (1 - m) * online.detach())
+    assert any("moco.head" in n and not torch.equal(after[n], p) for n, p in ws.model.named_parameters())
