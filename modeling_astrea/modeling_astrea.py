@@ -194,16 +194,18 @@ class AstreaClassificationExpert(nn.Module):
         return height, width
 
 
-class _EncoderDone(Exception):
-    """Carries Grounding DINO's encoder output out of its forward (see `AstreaDetectionExpert.forward`)."""
+def _gathered(parameters: list[nn.Parameter]):
+    """A context in which `parameters` are whole: DeepSpeed ZeRO-3's gathering when it partitions the model (for a
+    parameter read outside the forward of the module that owns it), else nothing to do. Not yet run under ZeRO-3."""
+    import contextlib
 
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
 
-def _stop_after_encoder(module, args, output):
-    raise _EncoderDone(output)
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 class AstreaDetectionExpert(nn.Module):
@@ -234,6 +236,74 @@ class AstreaDetectionExpert(nn.Module):
             shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
         return shapes
 
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Grounding DINO's visual encoder memory (`encoder_last_hidden_state_vision`), [N, sum_l h_l*w_l, d]: the
+        first half of `GroundingDinoModel.forward`, step by step with its own modules (text and image backbones,
+        per-level input projections, the text-conditioned encoder). The query selection and the decoder after it
+        feed nothing to Astrea and do not run. The tests compare the result with the whole model's output."""
+        from transformers.models.grounding_dino import modeling_grounding_dino as gd
+
+        dino, config = self.model, self.model.config
+        if hasattr(dino, "special_tokens"):  # transformers >= 5.20 passes them; before, a module constant
+            text_masks, text_positions = gd.generate_masks_with_special_tokens_and_transfer_map(
+                input_ids, special_tokens=dino.special_tokens
+            )
+        else:
+            text_masks, text_positions = gd.generate_masks_with_special_tokens_and_transfer_map(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        limit = config.max_text_len
+        text_masks, text_positions = text_masks[:, :limit, :limit], text_positions[:, :limit]
+        input_ids, text_token_mask = input_ids[:, :limit], attention_mask[:, :limit].bool()
+        text = dino.text_backbone(
+            input_ids, text_masks[:, None], torch.zeros_like(input_ids), text_positions, return_dict=True
+        ).last_hidden_state
+        text = dino.text_projection(text)
+
+        if pixel_mask is None:
+            pixel_mask = pixel_values.new_ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long)
+        backbone_levels, positions = dino.backbone(pixel_values, pixel_mask)
+        maps = [dino.input_proj_vision[level](source) for level, (source, _) in enumerate(backbone_levels)]
+        masks = [mask for _, mask in backbone_levels]
+        for level in range(len(maps), config.num_feature_levels):  # extra stride-2 levels past the backbone's
+            previous = backbone_levels[-1][0] if level == len(backbone_levels) else maps[-1]
+            source = dino.input_proj_vision[level](previous)
+            mask = F.interpolate(pixel_mask[None].float(), size=source.shape[-2:]).to(torch.bool)[0]
+            positions.append(dino.backbone.position_embedding(source, mask).to(source.dtype))
+            maps.append(source)
+            masks.append(mask)
+
+        shapes = [tuple(feature_map.shape[-2:]) for feature_map in maps]
+        sources = torch.cat([feature_map.flatten(2).transpose(1, 2) for feature_map in maps], dim=1)
+        with _gathered([dino.level_embed]):  # read outside its module's forward (DeepSpeed ZeRO-3 partitions it)
+            level_embed = dino.level_embed.clone()
+        position_embedding = torch.cat(
+            [p.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1) for level, p in enumerate(positions)],
+            dim=1,
+        )
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=sources.device)
+        return dino.encoder(
+            vision_features=sources,
+            vision_attention_mask=~torch.cat([mask.flatten(1) for mask in masks], dim=1),
+            vision_position_embedding=position_embedding,
+            spatial_shapes=spatial_shapes,
+            spatial_shapes_list=shapes,
+            level_start_index=torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])),
+            valid_ratios=torch.stack([dino.get_valid_ratio(mask, dtype=sources.dtype) for mask in masks], dim=1),
+            text_features=text,
+            text_attention_mask=~text_token_mask,
+            text_position_embedding=None,
+            text_self_attention_masks=~text_masks,
+            text_position_ids=text_positions,
+            return_dict=True,
+        ).last_hidden_state_vision
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -243,22 +313,7 @@ class AstreaDetectionExpert(nn.Module):
     ) -> torch.Tensor:
         if input_ids is None:
             input_ids = torch.tensor([self.prompt_ids], device=pixel_values.device).expand(pixel_values.shape[0], -1)
-        # Astrea reads the encoder memory only: stop the forward once the encoder is done (the query selection and
-        # the decoder after it cost as much again and feed nothing here)
-        handle = self.model.encoder.register_forward_hook(_stop_after_encoder)
-        try:
-            self.model(
-                pixel_values=pixel_values,
-                pixel_mask=pixel_mask,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                return_dict=True,
-            )
-            raise RuntimeError("Grounding DINO's encoder did not run.")  # unreachable: the hook always fires
-        except _EncoderDone as done:
-            memory = done.output.last_hidden_state_vision  # [N, sum_l h_l*w_l, d]
-        finally:
-            handle.remove()
+        memory = self.encode(pixel_values, pixel_mask, input_ids, attention_mask)  # [N, sum_l h_l*w_l, d]
         shapes = self.level_shapes(*pixel_values.shape[-2:])
         sizes = [h * w for h, w in shapes]
         if sum(sizes) != memory.shape[1]:

@@ -47,24 +47,27 @@ def test_detection_expert_is_one_level_of_grounding_dinos_memory(tiny_model, tin
     torch.testing.assert_close(grid.flatten(2).transpose(1, 2), expected, atol=3e-4, rtol=1e-3)
 
 
-def test_detection_expert_skips_the_decoder(tiny_model, tiny_config):
+def test_detection_expert_runs_the_encoder_half_only_and_every_hook_fires(tiny_model, tiny_config):
+    """Grounding DINO's query selection and decoder feed nothing to Astrea and do not run; the parts that do run are
+    called as modules, so every forward hook on them fires (DeepSpeed gathers parameters in such hooks) and no
+    exception cuts a forward short."""
     expert = tiny_model.model.experts["detection"]
-    calls = {"encoder": 0, "decoder": 0}
+    parts = ("text_backbone", "text_projection", "backbone", "encoder", "decoder", "enc_output")
+    calls = dict.fromkeys(parts, 0)
     hooks = [
         getattr(expert.model, name).register_forward_hook(
             lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
         )
-        for name in calls
+        for name in parts
     ]
-    expert(random_pixels(tiny_config, 1)["detection_pixel_values"])
-    for hook in hooks:
-        hook.remove()
-    assert calls == {"encoder": 1, "decoder": 0}
-    # the early exit leaves no hook behind: a plain forward of the wrapped model still runs to the end
-    expert.model(
-        pixel_values=random_pixels(tiny_config, 1)["detection_pixel_values"],
-        input_ids=torch.tensor([expert.prompt_ids]),
-    )
+    try:
+        expert(random_pixels(tiny_config, 1)["detection_pixel_values"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ran = {"text_backbone": 1, "text_projection": 1, "backbone": 1, "encoder": 1}
+    assert calls == {**ran, "decoder": 0, "enc_output": 0}
+    assert not expert.model._forward_hooks and not expert.model.encoder._forward_hooks  # nothing left behind
 
 
 def test_detection_level_shapes_for_non_square_inputs(tiny_model):
