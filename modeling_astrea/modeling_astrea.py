@@ -202,8 +202,10 @@ def _gathered(parameters: list[nn.Parameter]):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
-        import deepspeed
-
+        try:  # (in a try block: transformers' remote-code import check then does not require deepspeed)
+            import deepspeed
+        except ImportError as error:
+            raise ImportError("DeepSpeed ZeRO-3 is enabled but deepspeed does not import.") from error
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
     return contextlib.nullcontext()
 
