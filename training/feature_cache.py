@@ -46,9 +46,29 @@ def expert_fingerprint(model, image_processor, expert: str) -> str:
     preprocessing["resample"] = int(image_processor.resample)
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     for name, tensor in model.model.experts[expert].state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(weight_summary(tensor).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def weight_summary(tensor: torch.Tensor, whole_up_to: int = 2**20, samples: int = 2**16) -> torch.Tensor:
+    """What of a weight tensor goes into a fingerprint: all of it up to `whole_up_to` values, else `samples` evenly
+    spaced values (first and last included). Exact values, so the same weights give the same fingerprint in every
+    process, whatever its threads (a floating-point sum would not); and cheap: hashing every byte of the real
+    experts took seconds at each start. Fine-tuning, another checkpoint or a reinitialisation changes the sampled
+    values too; a change confined to values between the samples of a large tensor would go unnoticed."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > whole_up_to:
+        flat = flat[torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)]
+    return flat.to("cpu", torch.float32).contiguous()
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class FeatureCache:
@@ -131,13 +151,34 @@ class FeatureCache:
         self, model, image_processor, images: Iterable[Image.Image], batch_size: int = 32, desc: str = "feature cache"
     ) -> dict[str, float]:
         """Make sure every image has every cached expert's features, running the experts only on the misses;
-        read them back with `load`. Returns (and logs) the hit statistics."""
+        read them back with `load`. Returns (and logs) this process's hit statistics.
+
+        The images stream through: at most `batch_size` of them wait for the experts at a time. Under
+        torch.distributed (a shared `root`) each process fills its own share of the images (by their content hash)
+        and all wait for each other at the end, so every process can then read every entry; each image's experts
+        run once in all, not once per process."""
         experts = list(self.fingerprints)
+        rank, world = process_rank()
+        device = next(model.parameters()).device
         pending: list[tuple[str, Image.Image, list[str]]] = []
         seen = set()
+        progress = tqdm(desc=desc, unit="image", disable=None)
+
+        def run_experts():
+            needed = sorted({name for _, _, names in pending for name in names}, key=experts.index)
+            inputs = image_processor([image for _, image, _ in pending], return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in inputs.items() if k != "num_tiles"}
+            features = model.model.get_expert_features(**inputs, experts=tuple(needed))
+            for row, (key, _, names) in enumerate(pending):
+                for name in names:
+                    self.put(name, key, features[name][row])
+            progress.update(len(pending))
+            pending.clear()
+
         for image in images:
             key = image_key(image)
-            if key in seen:
+            if key in seen or int(key[:8], 16) % world != rank:  # seen, or another process's share
+                seen.add(key)
                 continue
             seen.add(key)
             missing = [name for name in experts if not self.path(name, key).exists()]
@@ -145,16 +186,13 @@ class FeatureCache:
             self.misses += len(missing)
             if missing:
                 pending.append((key, image, missing))
-        device = next(model.parameters()).device
-        for start in tqdm(range(0, len(pending), batch_size), desc=desc, disable=not pending):
-            chunk = pending[start : start + batch_size]
-            needed = sorted({name for _, _, names in chunk for name in names}, key=experts.index)
-            inputs = image_processor([image for _, image, _ in chunk], return_tensors="pt")
-            inputs = {k: v.to(device) for k, v in inputs.items() if k != "num_tiles"}
-            features = model.model.get_expert_features(**inputs, experts=tuple(needed))
-            for row, (key, _, names) in enumerate(chunk):
-                for name in names:
-                    self.put(name, key, features[name][row])
+                if len(pending) == batch_size:
+                    run_experts()
+        if pending:
+            run_experts()
+        progress.close()
+        if world > 1:
+            torch.distributed.barrier()  # every share written before anyone reads
         logger.info(f"Feature cache {self.root}: {self.stats()}")
         return self.stats()
 
@@ -166,7 +204,10 @@ class FeatureCache:
             for key in keys:
                 feature = self.get(name, key)
                 if feature is None:
-                    raise KeyError(f"No cached {name} features for image {key}: fill the cache first.")
+                    raise KeyError(
+                        f"No cached {name} features for image {key}: fill the cache first (with several processes, "
+                        "`cache_dir` must be on storage that all of them see)."
+                    )
                 rows.append(feature)
             out[name] = torch.stack(rows)
         return out

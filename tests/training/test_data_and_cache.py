@@ -225,3 +225,47 @@ def test_cache_directory_under_a_file_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
         FeatureCache(blocker / "cache", {"caption": "x"})
+
+
+def test_processes_split_the_fill_and_then_read_everything(tmp_path):
+    """Under torch.distributed each process runs the experts on its own share of the images, not all of them, and
+    after the fill every process reads every entry."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = Path(__file__).with_name("cache_ranks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert sum(r["encoded"] for r in ranks) == 8 and all(0 < r["encoded"] < 8 for r in ranks)  # each image once
+    assert sum(r["stats"]["misses"] for r in ranks) == 8 * 4
+    every_entry = dict.fromkeys(("caption", "classification", "detection", "segmentation"), 8)
+    assert all(r["rows"] == every_entry for r in ranks)
+
+
+def test_the_fill_streams_its_images(cache_setup):
+    """At most a batch of decoded images waits for the experts: the images are consumed as they are encoded."""
+    cache, model, processor = cache_setup
+    drawn, encoded_when_drawn = [], []
+    model.model.experts["caption"].register_forward_hook(lambda module, args, output: drawn.append("batch"))
+
+    def images():
+        for index in range(7):
+            encoded_when_drawn.append(drawn.count("batch"))
+            yield Image.new("RGB", (24, 24), (30 * index, 20, 200 - 20 * index))
+
+    cache.fill(model, processor, images(), batch_size=3)
+    assert encoded_when_drawn == [0, 0, 0, 1, 1, 1, 2]  # a batch of 3 runs before the 4th image is drawn
+    assert drawn.count("batch") == 3
