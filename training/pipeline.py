@@ -191,8 +191,13 @@ class AstreaSFTTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         for name in ("loss_reg", "loss_moco"):
             value = getattr(outputs, name, None)
-            if value is not None:
-                self._metrics[mode][name].append(value.detach().float().item())
+            if value is None:
+                continue
+            value = value.detach().float()
+            if name == "loss_reg" and num_items_in_batch is not None:  # logged as this micro-batch's token mean
+                tokens = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
+                value = value * num_items_in_batch / tokens
+            self._metrics[mode][name].append(value.item())
         loss = outputs.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # the count spans every process; DDP averages gradients

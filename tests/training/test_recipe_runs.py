@@ -331,3 +331,16 @@ def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache
         online = list(model.moco.head.parameters())[index]
         torch.testing.assert_close(momentum, m * old + (1 - m) * online.detach())
     assert any("moco.head" in n and not torch.equal(after[n], p) for n, p in ws.model.named_parameters())
+
+
+def test_the_logged_loss_parts_are_means_under_gradient_accumulation(tmp_path, feature_cache_dir):
+    """loss_reg in the log is each micro-batch's token mean (the model returns its share of the batch's loss)."""
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
+    examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions"])[:8]
+    _, accumulated = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=False)
+    _, whole = one_optimizer_step(ws, examples, batch_size=8, accumulation=1, use_moco=False)
+    logged = [entry for entry in accumulated.state.log_history if "loss_reg" in entry][0]
+    whole_logged = [entry for entry in whole.state.log_history if "loss_reg" in entry][0]
+    # a mean of micro-batch means against the batch's mean: close, not a quarter of it
+    assert float(logged["loss_reg"]) == pytest.approx(float(whole_logged["loss_reg"]), rel=0.05)
+    assert float(logged["loss"]) == pytest.approx(float(whole_logged["loss"]), rel=1e-4)
