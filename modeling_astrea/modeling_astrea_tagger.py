@@ -122,7 +122,9 @@ class AstreaTaggerModel(AstreaTaggerPreTrainedModel):
         self.tag_embeddings = nn.Parameter(
             torch.zeros(config.num_tags * config.descriptions_per_tag, config.tag_embedding_size)
         )
-        self.description_logit_scale = nn.Parameter(torch.zeros(()))  # log of the softmax scale over descriptions
+        # the log of the softmax scale over descriptions: RAM++ learnt it, Astrea keeps it fixed (a buffer, so that
+        # DeepSpeed, which cannot broadcast a 0-dimensional parameter, can start; it stays in the state dict)
+        self.register_buffer("description_logit_scale", torch.zeros(()))
         self.tag_projection = (
             nn.Identity()
             if config.tag_embedding_size == config.tag_hidden_size

@@ -27,7 +27,7 @@ from modeling_astrea.modeling_astrea import AstreaAlignment
 from .collator import AstreaCollator, instruction_examples, prealign_examples, question_examples
 from .data import build_dataset, chance_levels
 from .expert_pretraining import pretrain_experts
-from .feature_cache import FeatureCache, image_key
+from .feature_cache import FeatureCache, image_key, process_rank
 from .recipe import InstructArgs, OptimArgs, Recipe, deep_merge
 
 logger = logging.get_logger(__name__)
@@ -308,11 +308,37 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         "feature_cache": ws.cache.stats(),
     }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_world_process_zero() and ws.save_stages:
+    if ws.save_stages:
         target = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-        target.save_pretrained(stage_dir / "model")
-        done.write_text(json.dumps(record, indent=1))
+        save_model_folder(target, stage_dir / "model")
+        if trainer.is_world_process_zero():
+            done.write_text(json.dumps(record, indent=1))
     return record
+
+
+def save_model_folder(model, folder: Path, processor=None) -> None:
+    """`save_pretrained` (and the processor's) by the main process, with whole weights. Every process must call
+    it: under DeepSpeed ZeRO-3, whose processes each hold a slice of every weight, they gather the weights one
+    tensor at a time for the main process to write (a plain `save_pretrained` would write the slices)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    rank, world = process_rank()
+    state = None
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        state = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            partitioned = hasattr(tensor, "ds_id")
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=partitioned):
+                if rank == 0:
+                    state[name] = tensor.detach().to("cpu").clone()
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=state)
+        if processor is not None:
+            processor.save_pretrained(folder)
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def prealign(ws: Workspace) -> list[dict]:
@@ -581,18 +607,19 @@ def run(
     if "instruct" in phases:
         records.append(instruct(ws))
     metrics = {"recipe": recipe.output_dir}
+    main_process = process_rank()[0] == 0  # every process trains and evaluates; one writes
     if "evaluate" in phases:
         metrics.update(evaluate(ws))
-        plot_router(metrics, ws.output_dir / "router.png")
-    if records:
+        if main_process:
+            plot_router(metrics, ws.output_dir / "router.png")
+    if records and main_process:
         plot_stages(records, ws.output_dir / "stages.png")
-    model_dir = ws.output_dir / "model"
-    ws.model.save_pretrained(model_dir)
-    ws.processor.save_pretrained(model_dir)
+    save_model_folder(ws.model, ws.output_dir / "model", ws.processor)
     metrics["stages"] = [{k: r[k] for k in ("stage", "steps", "seconds", "heldout")} for r in records]
     metrics["feature_cache"] = ws.cache.stats()
     metrics["minutes"] = round((time.perf_counter() - start) / 60, 2)
-    (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if main_process:
+        (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
