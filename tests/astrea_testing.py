@@ -80,3 +80,16 @@ def save_servable_tiny(folder: Path, seed: int = 0, scale: float = 4.0) -> Path:
     model.save_pretrained(folder)
     AutoProcessor.from_pretrained(TINY).save_pretrained(folder)
     return folder
+
+
+def torchrun_two(script: Path, *args, timeout: int = 300):
+    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS` (gloo on the CPU, a free port chosen by torchrun), with
+    this folder importable in the workers; the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

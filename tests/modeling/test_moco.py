@@ -104,24 +104,11 @@ def test_processes_with_different_pair_counts_and_one_with_none_share_one_queue(
     """Two CPU processes: 2 and 1 pairs in the first step, 1 and none (a text-only batch) in the second. Keys of
     different counts are gathered, the process without pairs still joins the exchange (the others would wait for
     it forever), and both end with the same queue of the 4 keys."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from astrea_testing import REPO
+    from astrea_testing import torchrun_two
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    script = Path(__file__).with_name("moco_ranks.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = torchrun_two(Path(__file__).with_name("moco_ranks.py"), tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["moco"][1] is not None and ranks[1]["moco"][1] is None  # rank 1's second step had no pairs

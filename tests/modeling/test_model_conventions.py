@@ -2,14 +2,11 @@
 returns a `BaseModelOutputWithPooling`, and the tensor-parallel plan covers the LM head, tied or not (in the style of
 transformers' common model tests; `return_dict=False` and `inputs_embeds` are in test_save_load.py)."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from astrea_testing import REPO, TINY, prompt_ids, random_pixels
+from astrea_testing import TINY, prompt_ids, random_pixels, torchrun_two
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
@@ -83,17 +80,7 @@ def test_tensor_parallel_2_gives_the_single_process_logits_with_a_tied_head(tmp_
     model.save_pretrained(tmp_path / "model")
     with torch.no_grad():
         expected = model(**inputs(model.config)).logits
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("tp_logits.py"))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(
-        [*command, str(tmp_path / "model"), str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun_two(Path(__file__).with_name("tp_logits.py"), tmp_path / "model", tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"{rank}.pt")

@@ -231,22 +231,11 @@ def test_processes_split_the_fill_and_then_read_everything(tmp_path):
     """Under torch.distributed each process runs the experts on its own share of the images, not all of them, and
     after the fill every process reads every entry."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    script = Path(__file__).with_name("cache_ranks.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    from astrea_testing import torchrun_two
+
+    result = torchrun_two(Path(__file__).with_name("cache_ranks.py"), tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert sum(r["encoded"] for r in ranks) == 8 and all(0 < r["encoded"] < 8 for r in ranks)  # each image once
