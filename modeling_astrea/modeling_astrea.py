@@ -423,13 +423,14 @@ class AstreaMoCo(nn.Module):
     the mean-pooled input embeddings of the paired target text, under no_grad. Negatives: the batch's other keys
     and a queue of earlier keys (gathered across processes under torch.distributed).
 
-    The EMA update (Eq. 8) belongs once to each optimizer step. By default `forward` makes it in training mode,
-    which is once per step in a plain training loop; a trainer that accumulates gradients over several forwards
-    sets `update_in_forward = False` and calls `momentum_update()` after each optimizer step instead
-    (`AstreaSFTTrainer` does).
+    The EMA update (Eq. 8) belongs once to each optimizer step, before that step's keys are computed (as in MoCo).
+    By default `forward` makes it in training mode, which is once per step in a plain training loop; a trainer that
+    accumulates gradients over several forwards sets `update_in_forward = False` and `update_pending = True` at the
+    start of each optimizer step, and the step's first forward makes it (`AstreaSFTTrainer` does).
     """
 
     update_in_forward: bool = True
+    update_pending: bool = False
 
     def __init__(self, config: AstreaConfig):
         super().__init__()
@@ -491,8 +492,9 @@ class AstreaMoCo(nn.Module):
 
     def forward(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
         """pooled_visual, pooled_text: [B, D] for B image-text pairs -> scalar L_moco (Eq. 7)."""
-        if self.training and self.update_in_forward:
+        if self.training and (self.update_in_forward or self.update_pending):
             self.momentum_update()
+            self.update_pending = False
         queries = self.embed_images(pooled_visual)  # [B, d]
         keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d]
         negatives = self.queue[: int(self.queue_len)].to(queries.dtype).clone()  # [n, d]

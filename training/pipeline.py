@@ -154,7 +154,8 @@ def decoded_images(split_data, split: str, keys: list[str]):
 
 
 class MomentumUpdate(TrainerCallback):
-    """MoCo's EMA update (Eq. 8) once per optimizer step, however many forwards the step accumulates."""
+    """MoCo's EMA update (Eq. 8) once per optimizer step, however many forwards the step accumulates: the step's
+    first forward makes it, before computing its keys."""
 
     def __init__(self, model):
         self.config, self.moco = model.config, model.moco
@@ -162,13 +163,11 @@ class MomentumUpdate(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.moco.update_in_forward = False
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # only while MoCo trains: not in pre-alignment, nor in instruction tuning without it
-        if self.config.use_moco and any(p.requires_grad for p in self.moco.head.parameters()):
-            self.moco.momentum_update()
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.moco.update_pending = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.moco.update_in_forward = True
+        self.moco.update_in_forward, self.moco.update_pending = True, False
 
 
 class AstreaSFTTrainer(SFTTrainer):

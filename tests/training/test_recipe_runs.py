@@ -314,22 +314,24 @@ def test_gradient_accumulation_gives_the_one_batch_update(tmp_path, feature_cach
 
 
 def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache_dir):
-    """Eq. 8 once per optimizer step, after it: theta_M = m * theta_M + (1 - m) * theta_E with the stepped online
-    head, however many micro-batches the step accumulated (before, once per micro-batch: m to the 4th)."""
+    """Eq. 8 once per optimizer step, at its first forward (before its keys, as in MoCo): after one step of 4
+    accumulated micro-batches theta_M = m * theta_M + (1 - m) * theta_E with the online head as it was before the
+    step (before, once per micro-batch: m to the 4th)."""
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
     ws.model.moco.reset_momentum_head()
     with torch.no_grad():
         for p in ws.model.moco.head.parameters():
             p.add_(0.5)  # online and momentum heads differ from the start
     momentum_before = [p.detach().clone() for p in ws.model.moco.momentum_head.parameters()]
+    online_before = [p.detach().clone() for p in ws.model.moco.head.parameters()]
     examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions"])[:8]
     after, trainer = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=True)
     m = ws.model.config.moco_momentum
     model = trainer.model
-    assert model.moco.update_in_forward  # handed back after training
-    for index, (momentum, old) in enumerate(zip(model.moco.momentum_head.parameters(), momentum_before, strict=True)):
-        online = list(model.moco.head.parameters())[index]
-        torch.testing.assert_close(momentum, m * old + (1 - m) * online.detach())
+    assert model.moco.update_in_forward and not model.moco.update_pending  # handed back after training
+    momentum_after = list(model.moco.momentum_head.parameters())
+    for momentum, old, online in zip(momentum_after, momentum_before, online_before, strict=True):
+        torch.testing.assert_close(momentum, m * old + (1 - m) * online)
     assert any("moco.head" in n and not torch.equal(after[n], p) for n, p in ws.model.named_parameters())
 
 
