@@ -276,10 +276,8 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
     done = stage_dir / "stage.json"
     if ws.resume and done.exists():
         logger.warning(f"stage {name}: finished in an earlier run, loading it")
-        record = json.loads(done.read_text())
-        state = AstreaForConditionalGeneration.from_pretrained(stage_dir / "model").state_dict()
-        model.load_state_dict(state)
-        return record
+        load_trained(model, stage_dir)
+        return json.loads(done.read_text())
     # complete checkpoints only: the Trainer writes trainer_state.json last, so a save cut short by a kill has none
     checkpoints = sorted(
         (p for p in stage_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
@@ -308,17 +306,44 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
     }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if ws.save_stages:
-        target = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-        save_model_folder(target, stage_dir / "model")
+        lora = hasattr(unwrapped, "merge_and_unload")
+        target = unwrapped.merge_and_unload() if lora else unwrapped
+        trained = {key for key, parameter in target.named_parameters() if parameter.requires_grad}
+        if lora:  # merging changed the LLM's weights, which are frozen under the adapters
+            trained |= {key for key, _ in target.named_parameters() if key.startswith("model.language_model.")}
+        save_model_folder(target, stage_dir / "model", trained=(stage_dir / TRAINED_FILE, trained))
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=1))
     return record
 
 
-def save_model_folder(model, folder: Path, processor=None) -> None:
-    """`save_pretrained` (and the processor's) by the main process, with whole weights. Every process must call
-    it: under DeepSpeed ZeRO-3, whose processes each hold a slice of every weight, they gather the weights one
-    tensor at a time for the main process to write (a plain `save_pretrained` would write the slices)."""
+#: what a finished stage trained, beside its model folder, by the model's own parameter names: what `--resume` loads
+#: for that stage (the folder's names are the checkpoint layout, which `from_pretrained` converts; loading it would
+#: build a second whole model in every process)
+TRAINED_FILE = "trained.safetensors"
+
+
+def load_trained(model, stage_dir: Path) -> None:
+    """Put a finished stage's trained weights into `model` (run before any Trainer shards it)."""
+    path = stage_dir / TRAINED_FILE
+    if not path.is_file():  # a stage saved before this file existed
+        state = AstreaForConditionalGeneration.from_pretrained(stage_dir / "model").state_dict()
+        model.load_state_dict(state)
+        return
+    from safetensors.torch import load_file
+
+    unexpected = model.load_state_dict(load_file(path), strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
+
+
+def save_model_folder(model, folder: Path, processor=None, trained: tuple[Path, set[str]] | None = None) -> None:
+    """`save_pretrained` (and the processor's) by the main process, with whole weights; with `trained`
+    ((file, parameter names)), those weights also go to that file under the model's own names (`load_trained`).
+    Every process must call it: under DeepSpeed ZeRO-3, whose processes each hold a slice of every weight, they
+    gather the weights one tensor at a time for the main process to write (a plain `save_pretrained` would write
+    the slices)."""
+    from safetensors.torch import save_file
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     rank, world = process_rank()
@@ -336,6 +361,11 @@ def save_model_folder(model, folder: Path, processor=None) -> None:
         model.save_pretrained(folder, state_dict=state)
         if processor is not None:
             processor.save_pretrained(folder)
+        if trained is not None:
+            path, names = trained
+            weights = state if state is not None else model.state_dict()
+            # copies: save_file refuses tensors that share memory (a tied LM head)
+            save_file({key: weights[key].detach().to("cpu").contiguous().clone() for key in sorted(names)}, path)
     if world > 1:
         torch.distributed.barrier()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from astrea_testing import REPO, TINY
+from safetensors import safe_open
 from transformers import TrainerCallback
 
 from astrea.training import pipeline
@@ -207,6 +208,9 @@ def test_a_killed_stage_resumes_from_its_checkpoint_and_finished_stages_load(kil
     assert "stage 1-caption: finished in an earlier run, loading it" in resumed.stderr
     assert (stages / "1-caption" / "stage.json").read_text() == before["stage_1"]
     assert (stages / "1-caption" / "model" / "model.safetensors").stat().st_mtime_ns == before["stage_1_weights"]
+    # what it loaded: the weights stage 1 trained (its projector), under the model's own names, not a second model
+    with safe_open(stages / "1-caption" / pipeline.TRAINED_FILE, "pt") as trained:
+        assert trained.keys() and all(key.startswith("model.projectors.caption.") for key in trained.keys())
     # stage 2 continued from its last complete checkpoint (step 2; not the half-written checkpoint-3): only step 3
     # trained in the resumed run
     record = json.loads((stages / "2-classification" / "stage.json").read_text())
