@@ -201,6 +201,6 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_does(lau
     left is the order of floating-point sums (a gradient all-reduced across 2 processes against one accumulated in
     one), about 1e-7 relative per sum in float32, which Adam's division by the gradient's running size can magnify
     for the smallest gradients over the 8 optimizer steps. Measured here: 2.5e-7 at most; DDP against ZeRO-2/3,
-    1.3e-6. 1e-5 is ten times that and still far below what one sample more or less in a step changes."""
+    1.3e-6. The tolerance, 1e-5, is ten times that."""
     single = final_weights(launches, "single")
     assert_same_weights(final_weights(launches, "ddp-no-moco"), single, "single process", atol=1e-5, rtol=1e-4)
