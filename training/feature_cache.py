@@ -2,21 +2,28 @@
 
 An entry is one image's features from one expert (before its projector, resampled to the common grid), keyed by
 the image's content hash, the expert, and a fingerprint of everything that decides the feature: the expert's
-config, its weights, its input preprocessing and the grid. Entries are safetensors files written to a temporary
-name and renamed into place (`os.replace` is atomic), so a killed run never leaves a half-written entry under a
-real name; an entry that fails to load anyway (a disk error) is dropped and recomputed.
+config, its weights, its input preprocessing and the grid.
+
+Storage is built for millions of images. Each expert's entries go into shards under
+`<root>/<expert>-<fingerprint>/`: a shard is one flat file of rows (half precision by default, one row per image)
+read through a memory map, and a small JSON index beside it (the rows' image keys, shape and dtypes). A shard is
+written under a temporary name, renamed into place when it is full or the fill ends, and only then gets its index:
+an index is the commit, so a killed fill loses at most the shards it had open, and a shard whose size disagrees
+with its index (a disk error) is dropped and its entries recomputed. Reads copy one row out of the map and convert
+it back to the dtype the expert produced (the operating system's page cache keeps what was read recently).
 """
 
 import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -71,25 +78,76 @@ def process_rank() -> tuple[int, int]:
     return 0, 1
 
 
-class FeatureCache:
-    """Expert features on disk under `root/<expert>-<fingerprint>/<key[:2]>/<key>.safetensors`, and the entries
-    read so far in memory, up to `memory_mb` megabytes (later epochs then read no files)."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    def __init__(self, root: str | os.PathLike, fingerprints: dict[str, str], memory_mb: float = 1024):
+
+class _ShardWriter:
+    """Rows appended to one open shard of one expert: `<id>.bin.partial` until `close` renames it and writes the
+    index `<id>.json` (the commit)."""
+
+    def __init__(self, folder: Path, shard_id: str, shape: tuple[int, ...], dtype: torch.dtype, source: torch.dtype):
+        self.folder, self.shard_id, self.shape, self.dtype, self.source = folder, shard_id, shape, dtype, source
+        self.partial = folder / f"{shard_id}.bin.partial"
+        self.handle = open(self.partial, "wb")  # noqa: SIM115 (closed in close())
+        self.keys: list[str] = []
+        self.bytes = 0
+
+    def append(self, key: str, row: torch.Tensor) -> None:
+        data = row.to(self.dtype).contiguous().view(torch.uint8).numpy()
+        self.handle.write(memoryview(data.reshape(-1)))
+        self.keys.append(key)
+        self.bytes += data.nbytes
+
+    def close(self) -> dict:
+        self.handle.close()
+        os.replace(self.partial, self.folder / f"{self.shard_id}.bin")
+        index = {
+            "format": 1,
+            "keys": self.keys,
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "source_dtype": dtype_name(self.source),
+        }
+        temporary = self.folder / f".{self.shard_id}.json.tmp"
+        temporary.write_text(json.dumps(index))
+        os.replace(temporary, self.folder / f"{self.shard_id}.json")
+        return index
+
+
+class FeatureCache:
+    """Expert features in memory-mapped shards on disk (see the module's docstring); `fill` computes what is
+    missing, `load` reads batches of it.
+
+    dtype: how rows are stored (half precision halves the disk and read traffic of float32 features; a feature
+    outside float16's range is refused with a pointer to bfloat16). shard_mb: the size at which a shard is closed
+    and the next begins."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        fingerprints: dict[str, str],
+        dtype: torch.dtype | str = torch.float16,
+        shard_mb: float = 1024,
+    ):
         """fingerprints: {expert name: fingerprint} of the experts this cache holds (see `expert_fingerprint`)."""
         self.root = Path(root)
         self.fingerprints = dict(fingerprints)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"The feature cache dtype must be a floating-point dtype such as float16, not {dtype!r}.")
+        self.shard_bytes = int(shard_mb * 2**20)
         self.hits = self.misses = 0
-        self.memory_budget = int(memory_mb * 2**20)
-        self.memory: dict[tuple[str, str], torch.Tensor] = {}
-        self.memory_used = 0
         self._check_writable()
+        self.writers: dict[str, _ShardWriter] = {}
+        self.refresh()
 
     @classmethod
     def for_model(
-        cls, root, model, image_processor, experts: Iterable[str] = EXPERT_NAMES, memory_mb: float = 1024
+        cls, root, model, image_processor, experts: Iterable[str] = EXPERT_NAMES, **options
     ) -> "FeatureCache":
-        return cls(root, {name: expert_fingerprint(model, image_processor, name) for name in experts}, memory_mb)
+        """The cache of this model's experts (`options`: dtype, shard_mb)."""
+        return cls(root, {name: expert_fingerprint(model, image_processor, name) for name in experts}, **options)
 
     def _check_writable(self) -> None:
         try:
@@ -102,41 +160,131 @@ class FeatureCache:
                 "another with `cache_dir` in the recipe or --cache-dir."
             ) from None
 
-    def path(self, expert: str, key: str) -> Path:
-        return self.root / f"{expert}-{self.fingerprints[expert]}" / key[:2] / f"{key}.safetensors"
+    def folder(self, expert: str) -> Path:
+        return self.root / f"{expert}-{self.fingerprints[expert]}"
+
+    # --- reading ---------------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read the shard indexes on disk (what other processes or runs wrote since this cache was opened)."""
+        self.shards: dict[str, dict] = getattr(self, "shards", {})  # {shard path: index, with its memory map}
+        self.entries: dict[str, dict[str, tuple[str, int]]] = {name: {} for name in self.fingerprints}
+        for name in self.fingerprints:
+            folder = self.folder(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for index_path in sorted(folder.glob("*.json")):
+                data = self.shards.get(str(index_path)) or self._open_shard(index_path)
+                if data is None:
+                    continue
+                self.shards[str(index_path)] = data
+                for row, key in enumerate(data["keys"]):
+                    self.entries[name][key] = (str(index_path), row)
+
+    @staticmethod
+    def _open_shard(index_path: Path) -> dict | None:
+        """A shard's index and memory map; None (and the shard deleted) when its file does not match its index."""
+        data_path = index_path.with_suffix(".bin")
+        try:
+            data = json.loads(index_path.read_text())
+            dtype = getattr(torch, data["dtype"])
+            row_bytes = int(np.prod(data["shape"])) * torch.empty((), dtype=dtype).element_size()
+            rows = len(data["keys"])
+            if data_path.stat().st_size != rows * row_bytes:
+                raise ValueError(f"{data_path.stat().st_size} bytes for {rows} rows of {row_bytes}")
+            data["map"] = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(rows, row_bytes)) if rows else None
+            data["torch_dtype"], data["source"] = dtype, getattr(torch, data["source_dtype"])
+            return data
+        except Exception as error:  # a damaged shard: drop it, its entries are recomputed
+            logger.warning(f"Feature cache shard {data_path} is unreadable ({error}); its entries will be recomputed.")
+            index_path.unlink(missing_ok=True)
+            data_path.unlink(missing_ok=True)
+            return None
+
+    def __contains__(self, entry: tuple[str, str]) -> bool:
+        expert, key = entry
+        return key in self.entries[expert]
 
     def get(self, expert: str, key: str) -> torch.Tensor | None:
-        feature = self.memory.get((expert, key))
-        if feature is not None:
-            self.hits += 1
-            return feature
-        path = self.path(expert, key)
-        if path.exists():
-            try:
-                feature = load_file(path)["feature"]
-                self.hits += 1
-                size = feature.numel() * feature.element_size()
-                if self.memory_used + size <= self.memory_budget:
-                    self.memory[(expert, key)] = feature
-                    self.memory_used += size
-                return feature
-            except Exception as error:  # a damaged file: drop it, recompute
-                logger.warning(f"Feature cache entry {path} is unreadable ({error}); recomputing it.")
-                path.unlink(missing_ok=True)
-        self.misses += 1
-        return None
+        """One entry, in the dtype the expert produced it in; None if it is not in a closed shard."""
+        if key not in self.entries[expert]:
+            self.misses += 1
+            return None
+        return self.load([key], [expert])[expert][0]
+
+    def load(self, keys: list[str], experts: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Stacked features of these images, in the dtype the experts produced them in: {expert: [len(keys), P, C]}.
+        Every entry must exist (see `fill`). The rows are copied from the memory maps straight into one stored-dtype
+        batch, converted once."""
+        out = {}
+        for name in experts or self.fingerprints:
+            places = []
+            for key in keys:
+                where = self.entries[name].get(key)
+                if where is None:
+                    self.misses += 1
+                    raise KeyError(
+                        f"No cached {name} features for image {key}: fill the cache first (with several processes, "
+                        "`cache_dir` must be on storage that all of them see)."
+                    )
+                places.append(self.shards[where[0]] | {"row": where[1]})
+            first = places[0]
+            if any(p["shape"] != first["shape"] or p["torch_dtype"] != first["torch_dtype"] for p in places):
+                out[name] = torch.stack([self._row(p) for p in places])  # shards of different layouts: row by row
+            else:
+                batch = torch.empty((len(keys), *first["shape"]), dtype=first["torch_dtype"])
+                raw = batch.view(len(keys), -1).view(torch.uint8).numpy()
+                for index, place in enumerate(places):
+                    raw[index] = place["map"][place["row"]]
+                out[name] = batch.to(first["source"])
+            self.hits += len(keys)
+        return out
+
+    @staticmethod
+    def _row(place: dict) -> torch.Tensor:
+        raw = torch.from_numpy(np.array(place["map"][place["row"]]))
+        return raw.view(place["torch_dtype"]).reshape(place["shape"]).to(place["source"])
+
+    # --- writing ---------------------------------------------------------------------------------------------
 
     def put(self, expert: str, key: str, feature: torch.Tensor) -> None:
-        path = self.path(expert, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"feature": feature.detach().to("cpu").contiguous()}, temporary)
-            os.replace(temporary, path)  # atomic: readers see the old state or the whole entry
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        """Append an entry to this process's open shard of `expert`; readable after `flush` (which `fill` calls)."""
+        feature = feature.detach().to("cpu")
+        largest = torch.finfo(self.dtype).max
+        if largest < torch.finfo(feature.dtype).max and feature.abs().amax() > largest:  # would become inf
+            raise ValueError(
+                f"The {expert} expert's features reach {feature.abs().max().item():.3g}, beyond {self.dtype}'s range: "
+                "store them as bfloat16 or float32 (the recipe's `cache_dtype`)."
+            )
+        stored = feature.to(self.dtype)
+        writer = self.writers.get(expert)
+        if writer is not None and (writer.shape != tuple(feature.shape) or writer.bytes >= self.shard_bytes):
+            self._close(expert)
+            writer = None
+        if writer is None:
+            rank, _ = process_rank()
+            shard_id = f"{rank:04d}-{uuid.uuid4().hex[:12]}"
+            writer = _ShardWriter(self.folder(expert), shard_id, tuple(feature.shape), self.dtype, feature.dtype)
+            self.writers[expert] = writer
+        writer.append(key, stored)
+
+    def _close(self, expert: str) -> None:
+        writer = self.writers.pop(expert)
+        index_path = writer.folder / f"{writer.shard_id}.json"
+        writer.close()
+        data = self._open_shard(index_path)
+        if data is not None:
+            self.shards[str(index_path)] = data
+            for row, key in enumerate(data["keys"]):
+                self.entries[expert][key] = (str(index_path), row)
+
+    def flush(self) -> None:
+        """Close this process's open shards, making their entries readable (to other processes too)."""
+        for expert in list(self.writers):
+            self._close(expert)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the closed shards of this cache's experts."""
+        return sum(path.stat().st_size for name in self.fingerprints for path in self.folder(name).glob("*.bin"))
 
     @property
     def hit_rate(self) -> float:
@@ -159,6 +307,8 @@ class FeatureCache:
         run once in all, not once per process."""
         experts = list(self.fingerprints)
         rank, world = process_rank()
+        for leftover in self.root.glob(f"*/{rank:04d}-*.bin.partial"):  # this rank's shards of a killed fill
+            leftover.unlink(missing_ok=True)
         device = next(model.parameters()).device
         pending: list[tuple[str, Image.Image, list[str]]] = []
         seen = set()
@@ -181,7 +331,7 @@ class FeatureCache:
                 seen.add(key)
                 continue
             seen.add(key)
-            missing = [name for name in experts if not self.path(name, key).exists()]
+            missing = [name for name in experts if (name, key) not in self]
             self.hits += len(experts) - len(missing)
             self.misses += len(missing)
             if missing:
@@ -190,27 +340,13 @@ class FeatureCache:
                     run_experts()
         if pending:
             run_experts()
+        self.flush()
         progress.close()
         if world > 1:
             torch.distributed.barrier()  # every share written before anyone reads
+            self.refresh()
         logger.info(f"Feature cache {self.root}: {self.stats()}")
         return self.stats()
-
-    def load(self, keys: list[str], experts: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Stacked features of these images: {expert: [len(keys), P, C]}. Every entry must exist (see `fill`)."""
-        out = {}
-        for name in experts or self.fingerprints:
-            rows = []
-            for key in keys:
-                feature = self.get(name, key)
-                if feature is None:
-                    raise KeyError(
-                        f"No cached {name} features for image {key}: fill the cache first (with several processes, "
-                        "`cache_dir` must be on storage that all of them see)."
-                    )
-                rows.append(feature)
-            out[name] = torch.stack(rows)
-        return out
 
 
 __all__ = ["FeatureCache", "expert_fingerprint", "image_key"]

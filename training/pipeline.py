@@ -97,7 +97,9 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             recipe.seed,
             spec.colour_experts,
         )
-    cache = FeatureCache.for_model(recipe.cache_dir, model, processor.image_processor)
+    cache = FeatureCache.for_model(
+        recipe.cache_dir, model, processor.image_processor, dtype=recipe.cache_dtype, shard_mb=recipe.cache_shard_mb
+    )
     rows, keys = {}, {}
     for split in ("train", "test"):
         keys[split] = []

@@ -106,6 +106,8 @@ class AblationArgs:
 class Recipe:
     output_dir: str = "outputs/run"
     cache_dir: str = "outputs/feature-cache"
+    cache_dtype: str = "float16"  # how the feature cache stores expert features: float16, bfloat16 or float32
+    cache_shard_mb: float = 1024  # the feature cache's shard size
     seed: int = 0
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -116,6 +118,10 @@ class Recipe:
     ablation: AblationArgs = field(default_factory=AblationArgs)
 
     def __post_init__(self):
+        if self.cache_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"Recipe: cache_dtype is {self.cache_dtype!r}; use float16, bfloat16 or float32.")
+        if self.cache_shard_mb <= 0:
+            raise ValueError(f"Recipe: cache_shard_mb must be positive, not {self.cache_shard_mb}.")
         unknown = [name for name in self.prealign.order if name not in EXPERT_NAMES]
         if unknown:
             raise ValueError(f"Recipe: unknown stage {unknown[0]!r} in prealign.order; stages are {EXPERT_NAMES}.")

@@ -1,5 +1,7 @@
 """The synthetic data set, the recipe file and the feature cache."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -161,27 +163,42 @@ def test_cache_fills_once_and_matches_the_experts(cache_setup):
     direct = model.model.get_expert_features(
         **{k: v for k, v in processor(images, return_tensors="pt").items() if k != "num_tiles"}
     )
-    for name in loaded:
-        torch.testing.assert_close(loaded[name], direct[name])
+    for name in loaded:  # stored in half precision, handed back in the experts' own dtype
+        assert loaded[name].dtype == direct[name].dtype == torch.float32
+        torch.testing.assert_close(loaded[name], direct[name].half().float(), atol=0, rtol=0)
+    # and a float32 cache keeps them exactly
+    exact = FeatureCache.for_model(cache.root.with_name("exact"), model, processor, dtype="float32")
+    exact.fill(model, processor, images)
+    for name, feature in exact.load([image_key(i) for i in images]).items():
+        torch.testing.assert_close(feature, direct[name], atol=0, rtol=0)
 
 
-def test_entries_once_read_are_served_from_memory_within_its_budget(tiny_model, tiny_config, tmp_path):
-    processor = AstreaImageProcessor.from_model_config(tiny_config, detection_size=64)
-    images = [Image.new("RGB", (40, 40), c) for c in ("red", "green")]
+def test_entries_go_into_shards_with_an_index_and_another_cache_reads_them(cache_setup):
+    """Rows go into one flat file per shard; a shard closes at shard_mb and the next begins. A second cache on the
+    same folder (another process, a later run) finds every entry through the indexes, and a process's `refresh`
+    sees shards written after it opened."""
+    _, model, processor = cache_setup
+    images = [Image.new("RGB", (24, 24), (25 * i, 90, 255 - 25 * i)) for i in range(5)]
     keys = [image_key(i) for i in images]
-    for budget, kept in ((64, True), (0, False)):
-        cache = FeatureCache.for_model(tmp_path / str(budget), tiny_model, processor, memory_mb=budget)
-        cache.fill(tiny_model, processor, images)
-        first = cache.load(keys)
-        for path in (tmp_path / str(budget)).rglob("*.safetensors"):
-            path.unlink()  # from here on only the in-memory copies can answer
-        if kept:
-            for name, feature in cache.load(keys).items():
-                torch.testing.assert_close(feature, first[name])
-            assert cache.memory_used <= 64 * 2**20
-        else:
-            with pytest.raises(KeyError, match="fill the cache first"):
-                cache.load(keys)
+    root = cache_setup[0].root.with_name("sharded")
+    reader = FeatureCache.for_model(root, model, processor)  # opened before anything is written
+    writer = FeatureCache.for_model(root, model, processor, shard_mb=1e-6)  # every row closes its shard
+    writer.fill(model, processor, images, batch_size=2)
+    for name in writer.fingerprints:
+        shards = sorted(writer.folder(name).glob("*.json"))
+        assert len(shards) == 5 and len(list(writer.folder(name).glob("*.bin"))) == 5
+        index = json.loads(shards[0].read_text())
+        assert index["dtype"] == "float16" and index["source_dtype"] == "float32" and len(index["keys"]) == 1
+        assert shards[0].with_suffix(".bin").stat().st_size == 2 * int(torch.tensor(index["shape"]).prod())
+    with pytest.raises(KeyError, match="fill the cache first"):
+        reader.load(keys)
+    reader.refresh()
+    for name, feature in reader.load(keys).items():
+        torch.testing.assert_close(feature, writer.load(keys)[name], atol=0, rtol=0)
+    big = FeatureCache.for_model(root.with_name("one-shard"), model, processor)
+    big.fill(model, processor, images, batch_size=2)
+    assert all(len(list(big.folder(name).glob("*.bin"))) == 1 for name in big.fingerprints)
+    assert big.disk_bytes() == writer.disk_bytes()
 
 
 def test_cache_keys_depend_on_the_expert_config_and_weights(cache_setup):
@@ -193,31 +210,55 @@ def test_cache_keys_depend_on_the_expert_config_and_weights(cache_setup):
     assert expert_fingerprint(model, processor, "segmentation") == cache.fingerprints["segmentation"]
 
 
-def test_writes_are_atomic_and_damaged_entries_are_recomputed(cache_setup):
+def test_a_damaged_shard_is_dropped_and_its_entries_recomputed(cache_setup):
     cache, model, processor = cache_setup
     image = Image.new("RGB", (20, 20), "purple")
     key = image_key(image)
     cache.fill(model, processor, [image])
-    path = cache.path("caption", key)
-    assert not list(path.parent.glob("*.tmp"))  # no temporary left behind
-    path.write_bytes(path.read_bytes()[:20])  # a damaged entry (as from a failing disk)
-    assert cache.get("caption", key) is None and not path.exists()
-    cache.fill(model, processor, [image])
-    assert cache.get("caption", key) is not None
+    (shard,) = cache.folder("caption").glob("*.bin")
+    assert not list(cache.root.rglob("*.partial")) and not list(cache.root.rglob("*.tmp"))  # nothing left behind
+    shard.write_bytes(shard.read_bytes()[:20])  # a damaged shard (as from a failing disk)
+    reopened = FeatureCache(cache.root, cache.fingerprints)
+    assert reopened.get("caption", key) is None and not shard.exists()
+    assert reopened.get("detection", key) is not None  # other experts' shards are untouched
+    misses = reopened.misses
+    assert reopened.fill(model, processor, [image])["misses"] == misses + 1  # only the caption entry is computed
+    assert reopened.get("caption", key) is not None
 
 
-def test_a_killed_write_leaves_no_entry(cache_setup, monkeypatch):
-    cache, _, _ = cache_setup
+def test_a_killed_fill_leaves_no_entry_and_its_leftovers_go(cache_setup, monkeypatch):
+    """A fill killed before its shards are renamed and indexed leaves no entry that could be read half-written; the
+    next fill by the same rank removes the leftover and computes the entries."""
+    cache, model, processor = cache_setup
     import astrea.training.feature_cache as module
+
+    image = Image.new("RGB", (20, 20), "olive")
+    real_replace = module.os.replace
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module.os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
-        cache.put("caption", "ab" * 16, torch.ones(2, 2))
-    assert not cache.path("caption", "ab" * 16).exists()
-    assert not list(cache.path("caption", "ab" * 16).parent.glob("*"))
+        cache.fill(model, processor, [image])
+    monkeypatch.setattr(module.os, "replace", real_replace)
+    assert list(cache.root.rglob("*.bin.partial")) and not list(cache.root.rglob("*.json"))
+    fresh = FeatureCache(cache.root, cache.fingerprints)
+    assert not any((name, image_key(image)) in fresh for name in fresh.fingerprints)
+    assert fresh.fill(model, processor, [image])["misses"] == 4
+    assert not list(cache.root.rglob("*.bin.partial")) and fresh.get("caption", image_key(image)) is not None
+
+
+def test_features_beyond_float16_are_refused_by_name(cache_setup):
+    cache, *_ = cache_setup
+    with pytest.raises(ValueError, match="segmentation expert's features reach 1e\\+05.*bfloat16"):
+        cache.put("segmentation", "ab" * 16, torch.tensor([[1.0e5, 0.0]]))
+    bf16 = FeatureCache(cache.root.with_name("bf16"), cache.fingerprints, dtype="bfloat16")
+    bf16.put("segmentation", "ab" * 16, torch.tensor([[1.0e5, 0.0]]))
+    bf16.flush()
+    assert bf16.get("segmentation", "ab" * 16).tolist() == [[torch.tensor(1.0e5).bfloat16().item(), 0.0]]
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        FeatureCache(cache.root, cache.fingerprints, dtype="int8")
 
 
 def test_cache_directory_under_a_file_is_a_clear_error(tmp_path):
