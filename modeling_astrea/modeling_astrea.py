@@ -425,12 +425,12 @@ class AstreaMoCo(nn.Module):
 
     The EMA update (Eq. 8) belongs once to each optimizer step, before that step's keys are computed (as in MoCo).
     By default `forward` makes it in training mode, which is once per step in a plain training loop; a trainer that
-    accumulates gradients over several forwards sets `update_in_forward = False` and `update_pending = True` at the
-    start of each optimizer step, and the step's first forward makes it (`AstreaSFTTrainer` does).
+    accumulates gradients over several forwards, or shards the model, sets `update_in_forward = False` and calls
+    `momentum_update` at the start of each optimizer step, outside any forward (`AstreaSFTTrainer` does): under
+    FSDP2 the weights a forward sees are gathered copies, and a change made to them there is lost.
     """
 
     update_in_forward: bool = True
-    update_pending: bool = False
 
     def __init__(self, config: AstreaConfig):
         super().__init__()
@@ -451,7 +451,8 @@ class AstreaMoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E (on whole weights under DeepSpeed ZeRO-3)."""
+        """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E (on whole weights under DeepSpeed ZeRO-3; on each
+        process's shards under FSDP2, which split both heads alike)."""
         pairs = list(zip(self.momentum_head.parameters(), self.head.parameters(), strict=True))
         with _gathered([p for pair in pairs for p in pair], modify=True):
             for momentum, online in pairs:
@@ -492,9 +493,8 @@ class AstreaMoCo(nn.Module):
 
     def forward(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
         """pooled_visual, pooled_text: [B, D] for B image-text pairs -> scalar L_moco (Eq. 7)."""
-        if self.training and (self.update_in_forward or self.update_pending):
+        if self.training and self.update_in_forward:
             self.momentum_update()
-            self.update_pending = False
         queries = self.embed_images(pooled_visual)  # [B, d]
         keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d]
         negatives = self.queue[: int(self.queue_len)].to(queries.dtype).clone()  # [n, d]
@@ -524,11 +524,21 @@ class AstreaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
+    # The units `device_map="auto"` keeps on one device and FSDP wraps (accelerate's auto-wrap reads this when its
+    # config names no classes): each whole expert, as its forward combines its blocks' outputs (Grounding DINO's
+    # levels, SAM2's FPN) and reads weights outside their modules; inside it, its blocks (FSDP gathers one at a
+    # time); and the LLM's decoder layer. transformers' `post_init` adds the lists of direct children that are
+    # models (the LLM's); `post_init` below adds those of the models nested in the experts, and the names here
+    # cover the blocks of expert models that declare none.
     _no_split_modules = [
         "AstreaCaptionExpert",
         "AstreaClassificationExpert",
         "AstreaDetectionExpert",
         "AstreaSegmentationExpert",
+        "AstreaTagDecoderLayer",
+        "GroundingDinoEncoderLayer",
+        "GroundingDinoDecoderLayer",
+        "Sam2MultiScaleBlock",
     ]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -545,6 +555,15 @@ class AstreaPreTrainedModel(PreTrainedModel):
         hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
         self._require_grads_hooks = [hook]
         self._require_grads_hook = hook
+
+    def post_init(self):
+        super().post_init()
+        # the experts' models sit under a ModuleDict (and Grounding DINO's Swin inside its conv encoder), out of
+        # transformers' reach; names this model does not hold (SigLIP's text embeddings in its vision tower, another
+        # expert config's blocks) are dropped: accelerate's FSDP auto-wrap stops at a class it cannot find
+        models = [module for module in self.modules() if isinstance(module, PreTrainedModel)]
+        names = self._no_split_modules.union(*(model._no_split_modules or () for model in models))
+        self._no_split_modules = names & {type(module).__name__ for module in self.modules()}
 
     @torch.no_grad()
     def _init_weights(self, module):

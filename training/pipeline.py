@@ -156,20 +156,22 @@ def decoded_images(split_data, split: str, keys: list[str]):
 
 
 class MomentumUpdate(TrainerCallback):
-    """MoCo's EMA update (Eq. 8) once per optimizer step, however many forwards the step accumulates: the step's
-    first forward makes it, before computing its keys."""
+    """MoCo's EMA update (Eq. 8) once per optimizer step, however many forwards the step accumulates, at the step's
+    start (before its keys), outside any forward: on every process, whether or not its batch has image-text pairs,
+    and on the weights as the backend holds them (gathered under ZeRO-3, the shards under FSDP2)."""
 
     def __init__(self, model):
-        self.config, self.moco = model.config, model.moco
+        self.config, self.moco, self.base = model.config, model.moco, model.model
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.moco.update_in_forward = False
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.moco.update_pending = True
+        if self.config.use_moco and self.base.alignment is None:  # pre-alignment has no MoCo term
+            self.moco.momentum_update()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.moco.update_in_forward, self.moco.update_pending = True, False
+        self.moco.update_in_forward = True
 
 
 class AstreaSFTTrainer(SFTTrainer):

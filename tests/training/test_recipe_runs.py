@@ -318,7 +318,7 @@ def test_gradient_accumulation_gives_the_one_batch_update(tmp_path, feature_cach
 
 
 def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache_dir):
-    """Eq. 8 once per optimizer step, at its first forward (before its keys, as in MoCo): after one step of 4
+    """Eq. 8 once per optimizer step, at its start (before its keys, as in MoCo): after one step of 4
     accumulated micro-batches theta_M = m * theta_M + (1 - m) * theta_E with the online head as it was before the
     step (before, once per micro-batch: m to the 4th)."""
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
@@ -332,7 +332,7 @@ def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache
     after, trainer = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=True)
     m = ws.model.config.moco_momentum
     model = trainer.model
-    assert model.moco.update_in_forward and not model.moco.update_pending  # handed back after training
+    assert model.moco.update_in_forward  # handed back after training
     momentum_after = list(model.moco.momentum_head.parameters())
     for momentum, old, online in zip(momentum_after, momentum_before, online_before, strict=True):
         torch.testing.assert_close(momentum, m * old + (1 - m) * online)
