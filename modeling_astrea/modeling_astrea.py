@@ -535,7 +535,6 @@ class AstreaPreTrainedModel(PreTrainedModel):
         "AstreaClassificationExpert",
         "AstreaDetectionExpert",
         "AstreaSegmentationExpert",
-        "AstreaTagDecoderLayer",
         "GroundingDinoEncoderLayer",
         "GroundingDinoDecoderLayer",
         "Sam2MultiScaleBlock",

@@ -106,6 +106,7 @@ class AstreaTaggerPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _supports_sdpa = True
+    _no_split_modules = ["AstreaTagDecoderLayer"]  # its Swin backbone's own list (SwinStage) joins in post_init
 
     @torch.no_grad()
     def _init_weights(self, module):
