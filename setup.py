@@ -40,6 +40,7 @@ setup(
         "pyyaml",
         "matplotlib",
         "pycocoevalcap",  # BLEU and CIDEr, the COCO caption scorers
+        "pycocotools",  # COCO polygon and RLE masks (training/sources.py)
     ],
     entry_points={
         "console_scripts": [

@@ -1,9 +1,13 @@
 """Examples for each phase and the collator that turns them into model inputs with cached expert features.
 
-An example is a dict `{"key": image content hash, "prompt": str, "answer": str, "type": str}`. The collator writes
-the chat (user: image + prompt; assistant: answer + EOS), expands the image placeholder, masks everything but the
-answer in `labels`, pads on the right, and reads each image's expert features from the feature cache, so no
-expert runs during training.
+An example is a conversation, `{"keys": [image content hashes], "messages": [{"role", "content"}], "type": str}`,
+each image an `<image>` marker in a user turn (sources.py reads LLaVA and TRL data into this form), or its
+single-turn shorthand `{"key", "prompt", "answer", "type"}` (one image, then the prompt; the synthetic set's
+examples). The collator writes the conversation with the processor's chat template, expands each image
+placeholder, puts labels on every assistant turn (its text and end-of-turn token) and nowhere else (system
+prompt, user turns, images, the template's own words), pads on the right, and reads the images' expert features
+from the feature cache, so no expert runs during training. Rows without images and rows with several mix freely in
+a batch.
 """
 
 import torch
@@ -77,50 +81,112 @@ def instruction_examples(rows, keys: list[str], tasks=("questions",)) -> list[di
 
 
 MEMO_SIZE = 100_000  # tokenized texts kept per collator
-MEMO_ANSWER_CHARS = 64  # answers longer than this are tokenized every time
+MEMO_TEXT_CHARS = 256  # longer texts (captions, boxes, regions, long turns) are tokenized every time
+SENTINEL = "\u2063ASTREA-TURN\u2063"  # stands in for an assistant turn's text when the template is rendered
+
+
+def as_conversation(example: dict) -> tuple[list[str], list[dict]]:
+    """(image keys, messages) of an example in either form."""
+    if "messages" in example:
+        return list(example.get("keys") or []), list(example["messages"])
+    messages = [
+        {"role": "user", "content": "<image>\n" + example["prompt"]},
+        {"role": "assistant", "content": example["answer"]},
+    ]
+    return [example["key"]], messages
 
 
 class AstreaCollator:
-    """Examples -> `input_ids`, `attention_mask`, `labels` (answer tokens only) and `expert_features`."""
+    """Examples -> `input_ids`, `attention_mask`, `labels` (assistant turns only) and `expert_features`."""
 
     def __init__(self, processor, cache: FeatureCache, experts: tuple[str, ...] | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cache = cache
         self.experts = experts
-        self._token_ids: dict[tuple[str, str], list[int]] = {}  # prompts and answers repeat: tokenize each once
+        self._memo: dict[tuple, object] = {}  # rendered and tokenized texts repeat: each is made once
 
-    def _tokenized(self, kind: str, text: str, render) -> list[int]:
-        ids = self._token_ids.get((kind, text))
-        if ids is None:
-            ids = self.tokenizer(render(text), add_special_tokens=False)["input_ids"]
-            if len(self._token_ids) < MEMO_SIZE:
-                self._token_ids[(kind, text)] = ids
-        return ids
+    def _memoised(self, key: tuple, make):
+        value = self._memo.get(key)
+        if value is None:
+            value = make()
+            if len(self._memo) < MEMO_SIZE:
+                self._memo[key] = value
+        return value
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return self._tokenized("prompt", prompt, self.prompt_text)
+    def _ids(self, text: str) -> list[int]:
+        make = lambda: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return make() if len(text) > MEMO_TEXT_CHARS else self._memoised(("ids", text), make)
 
-    def answer_text(self, answer: str) -> str:
-        return " " + answer + self.tokenizer.eos_token
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        """The chat template's text for these messages (image markers as image parts), placeholders expanded."""
+        key = ("render", generation_prompt, *((m["role"], m["content"]) for m in messages))
 
-    def answer_ids(self, answer: str) -> list[int]:
-        if len(answer) > MEMO_ANSWER_CHARS:  # captions, boxes, regions: unique per image, not worth keeping
-            return self.tokenizer(self.answer_text(answer), add_special_tokens=False)["input_ids"]
-        return self._tokenized("answer", answer, self.answer_text)
+        def make():
+            parts = [{"role": m["role"], "content": content_parts(m["content"])} for m in messages]
+            text = self.processor.apply_chat_template(parts, add_generation_prompt=generation_prompt)
+            return text.replace(
+                self.processor.image_token, self.processor.image_token * self.processor.num_image_tokens
+            )
 
-    def prompt_text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        image_tokens = self.processor.image_token * self.processor.num_image_tokens
-        return text.replace(self.processor.image_token, image_tokens)
+        return self._memoised(key, make)
+
+    def _assistant_wrapping(self, history: list[dict]) -> tuple[str, str]:
+        """What the template writes around an assistant turn after `history`: (before its text, after it)."""
+        prompt = self._render(history, generation_prompt=True)
+        full = self._render([*history, {"role": "assistant", "content": SENTINEL}], generation_prompt=False)
+        if not full.startswith(prompt) or full.count(SENTINEL) != 1:
+            raise ValueError(
+                "The chat template does not write a conversation as its earlier turns followed by the next one; "
+                "Astrea's collator needs that to put labels on the assistant turns."
+            )
+        before, after = full[len(prompt) :].split(SENTINEL)
+        return before, after
+
+    def tokenize(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a conversation; it ends with the last assistant turn's end-of-turn token."""
+        last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+        ids, labels, written = [], [], ""
+        eos = self.tokenizer.eos_token
+        for index, message in enumerate(messages[: last + 1]):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:index], generation_prompt=True)
+            if not prompt.startswith(written):
+                raise ValueError(
+                    "The chat template rewrites earlier turns when a turn is added; see _assistant_wrapping."
+                )
+            before, after = self._assistant_wrapping(messages[:index])
+            # the turn's labelled text runs to the end-of-turn token; what follows it (a newline) is context
+            turn = before + message["content"] + after
+            end = turn.rfind(eos) + len(eos) if eos and eos in after else len(turn)
+            context = self._ids(prompt[len(written) :])
+            answer = self._ids(turn[:end])
+            ids += context + answer
+            labels += [-100] * len(context) + answer
+            written = prompt + turn[:end]
+            if index < last and end < len(turn):
+                tail = self._ids(turn[end:])
+                ids += tail
+                labels += [-100] * len(tail)
+                written += turn[end:]
+        return ids, labels
+
+    def length(self, example: dict) -> int:
+        """Tokens of an example (for checking against a maximum length before training)."""
+        return len(self.tokenize(as_conversation(example)[1])[0])
+
+    def _features(self, keys: list[str]) -> dict:
+        return {"expert_features": self.cache.load(keys, self.experts)} if keys else {}
 
     def __call__(self, examples: list[dict]) -> dict:
-        rows, labels = [], []
+        rows, labels, keys = [], [], []
         for example in examples:
-            prompt, answer = self.prompt_ids(example["prompt"]), self.answer_ids(example["answer"])
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
+            example_keys, messages = as_conversation(example)
+            ids, row_labels = self.tokenize(messages)
+            rows.append(ids)
+            labels.append(row_labels)
+            keys += example_keys
         length = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         batch = {
@@ -128,21 +194,47 @@ class AstreaCollator:
             "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
             "labels": torch.tensor([label + [-100] * (length - len(label)) for label in labels]),
         }
-        batch["expert_features"] = self.cache.load([example["key"] for example in examples], self.experts)
-        return batch
+        return batch | self._features(keys)
 
     def generation_inputs(self, examples: list[dict]) -> dict:
-        """Prompts only, padded on the left, with the cached expert features: for greedy answers."""
-        texts = [self.prompt_text(example["prompt"]) for example in examples]
+        """The conversations up to their last assistant turn (which the model is to write), padded on the left,
+        with the cached expert features: for greedy answers. A shorthand example needs only `key` and `prompt`."""
+        texts, keys = [], []
+        for example in examples:
+            if "messages" in example:
+                example_keys, messages = as_conversation(example)
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                messages = messages[:last]
+            else:
+                example_keys, messages = (
+                    [example["key"]],
+                    [{"role": "user", "content": "<image>\n" + example["prompt"]}],
+                )
+            texts.append(self._render(messages, generation_prompt=True))
+            keys += example_keys
         batch = dict(
             self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         )
-        batch["expert_features"] = self.cache.load([example["key"] for example in examples], self.experts)
-        return batch
+        return batch | self._features(keys)
+
+
+def content_parts(content: str) -> list[dict]:
+    """A turn's text with `<image>` markers -> typed parts (the chat template writes each image part itself, with
+    the newline that follows a marker in LLaVA data)."""
+    parts = []
+    for index, piece in enumerate(content.split("<image>")):
+        if index:
+            parts.append({"type": "image"})
+            piece = piece.removeprefix("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 __all__ = [
     "AstreaCollator",
+    "as_conversation",
+    "content_parts",
     "instruction_examples",
     "prealign_examples",
     "question_examples",

@@ -1,0 +1,124 @@
+"""The collator on conversations: multi-turn label masking token by token, rows without images and with several in
+one batch, and the single-turn shorthand giving the same tokens as the same conversation written out."""
+
+import pytest
+import torch
+from astrea_testing import TINY
+from transformers import AutoProcessor
+
+from astrea.training.collator import AstreaCollator, content_parts
+
+
+class Cache:
+    """Stands in for the feature cache: one row per key, its value the key's number, so order is visible."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def load(self, keys, experts=None):
+        self.loaded.append(list(keys))
+        return {"caption": torch.tensor([float(key.removeprefix("k")) for key in keys])}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return AutoProcessor.from_pretrained(TINY)
+
+
+def tokens(processor, text: str) -> list[int]:
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_assistant_turn_and_nothing_else_is_labelled(processor):
+    """System prompt, user turns, image placeholders and the template's words are context; each assistant turn's
+    text and end-of-turn token are labels; the newline the template writes after a middle turn is context, and the
+    sequence ends with the last turn's end-of-turn token. Expected ids are built here from the template's format
+    (USER: / ASSISTANT: lines, the image token repeated per visual token), independently of the collator."""
+    collator = AstreaCollator(processor, Cache())
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat colour is it?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And its shape?"},
+        {"role": "assistant", "content": "a circle"},
+    ]
+    batch = collator([{"keys": ["k1"], "messages": messages, "type": "chat"}])
+    image = processor.image_token * processor.num_image_tokens
+    eos = processor.tokenizer.eos_token
+    pieces = [  # (text, labelled?)
+        (f"Be brief.\nUSER: {image}\nWhat colour is it?\nASSISTANT:", False),
+        (f" red{eos}", True),
+        ("\n", False),
+        ("USER: And its shape?\nASSISTANT:", False),
+        (f" a circle{eos}", True),
+    ]
+    ids = [t for text, _ in pieces for t in tokens(processor, text)]
+    labels = [t if labelled else -100 for text, labelled in pieces for t in tokens(processor, text)]
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == labels
+    assert batch["expert_features"]["caption"].tolist() == [1.0]
+
+
+def test_text_only_and_multi_image_rows_share_a_batch(processor):
+    """A row without images, one with two and one with one: the features come in placeholder order (row by row,
+    left to right), and each row's image tokens are its images' worth."""
+    cache = Cache()
+    collator = AstreaCollator(processor, cache)
+    examples = [
+        {"keys": [], "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+        {
+            "keys": ["k7", "k3"],
+            "messages": [
+                {"role": "user", "content": "<image>\nThis one, then <image>\nthat one: same colour?"},
+                {"role": "assistant", "content": "no"},
+            ],
+        },
+        {"key": "k5", "prompt": "What shape?", "answer": "square", "type": "shape"},
+    ]
+    batch = collator(examples)
+    assert cache.loaded == [["k7", "k3", "k5"]]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    per_row = (batch["input_ids"] == image_token).sum(dim=1).tolist()
+    assert per_row == [0, 2 * processor.num_image_tokens, processor.num_image_tokens]
+    assert (batch["labels"][batch["input_ids"] == image_token] == -100).all()
+    # a batch of text-only rows has no expert features at all
+    assert "expert_features" not in collator(examples[:1])
+
+
+def test_the_shorthand_is_the_written_out_conversation(processor):
+    collator = AstreaCollator(processor, Cache())
+    short = {"key": "k2", "prompt": "How many?", "answer": "two", "type": "count"}
+    long = {
+        "keys": ["k2"],
+        "messages": [{"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "two"}],
+    }
+    a, b = collator([short]), collator([long])
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(a[key], b[key])
+    assert torch.equal(
+        collator.generation_inputs([short])["input_ids"], collator.generation_inputs([long])["input_ids"]
+    )
+
+
+def test_generation_inputs_stop_before_the_last_assistant_turn(processor):
+    collator = AstreaCollator(processor, Cache())
+    messages = [
+        {"role": "user", "content": "<image>\nColour?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Shape?"},
+        {"role": "assistant", "content": "circle"},
+    ]
+    text = processor.tokenizer.decode(
+        collator.generation_inputs([{"keys": ["k1"], "messages": messages}])["input_ids"][0]
+    )
+    assert text.endswith("USER: Shape?\nASSISTANT:") and "red" in text and "circle" not in text
+
+
+def test_image_markers_become_parts():
+    assert content_parts("<image>\nWhat is it?") == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    assert content_parts("A <image>\nB<image>") == [
+        {"type": "text", "text": "A "},
+        {"type": "image"},
+        {"type": "text", "text": "B"},
+        {"type": "image"},
+    ]
