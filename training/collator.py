@@ -12,7 +12,7 @@ a batch.
 
 import torch
 
-from .data import CAPTION_PROMPT, box_text, grounding_pairs, grounding_prompt, region_text
+from .data import CAPTION_PROMPT, box_text, grounding_pairs, grounding_prompt, mask_text, region_text
 from .feature_cache import FeatureCache
 from .recipe import INSTRUCTION_TASKS
 
@@ -20,8 +20,9 @@ from .recipe import INSTRUCTION_TASKS
 STAGE_TASKS = {"caption": "caption", "classification": "tags", "detection": "boxes", "segmentation": "regions"}
 
 
-def stage_target(row: dict, stages: list[str], image_size: int) -> tuple[str, str]:
-    """(instruction, target text) for a data set row at a stage covering `stages` (cumulative)."""
+def stage_target(row: dict, stages: list[str], image_size: int, regions: list[str] | None = None) -> tuple[str, str]:
+    """(instruction, target text) for a data set row at a stage covering `stages` (cumulative). `regions`: the
+    masks already in words (else the row's masks are the synthetic set's `image_size` run-length masks)."""
     parts = []
     for stage in stages:
         if stage == "caption":
@@ -34,11 +35,31 @@ def stage_target(row: dict, stages: list[str], image_size: int) -> tuple[str, st
             )
             parts.append(f"Boxes: {boxes}.")
         elif stage == "segmentation":
-            regions = "; ".join(
-                region_text(mask, image_size, label) for label, mask in zip(row["labels"], row["masks"], strict=True)
-            )
-            parts.append(f"Regions: {regions}.")
+            if regions is None:
+                masks = zip(row["labels"], row["masks"], strict=True)
+                regions = [region_text(mask, image_size, label) for label, mask in masks]
+            parts.append(f"Regions: {'; '.join(regions)}.")
     return ", ".join(STAGE_TASKS[s] for s in stages), " ".join(parts)
+
+
+def annotation_target(record: dict, stages: list[str]) -> tuple[str, str] | None:
+    """`stage_target` for an annotation record (sources.py: boxes normalised, COCO masks at the image's size);
+    None when the record lacks a target the stages need (a caption-only image at the detection stage)."""
+    from .sources import decode_mask
+
+    has = {
+        "caption": bool(record["caption"]),
+        "classification": bool(record["tags"]),
+        "detection": bool(record["boxes"]),
+        "segmentation": bool(record["masks"]) and all(mask is not None for mask in record["masks"]),
+    }
+    if not all(has[stage] for stage in stages):
+        return None
+    regions = None
+    if "segmentation" in stages:
+        masks = zip(record["labels"], record["masks"], strict=True)
+        regions = [mask_text(decode_mask(mask, record["height"], record["width"]), label) for label, mask in masks]
+    return stage_target(record, stages, 0, regions)
 
 
 def prealign_examples(rows, keys: list[str], stages: list[str], image_size: int) -> list[dict]:

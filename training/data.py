@@ -266,11 +266,19 @@ def chance_levels() -> dict[str, float]:
 
 
 def region_text(mask_runs: list[int], size: int, label: str) -> str:
-    """A mask as words for the segmentation stage: what, how much of the image, and where its centre is."""
-    mask = run_length_decode(mask_runs, size)
+    """A mask (the synthetic set's run-length form) as words for the segmentation stage (see `mask_text`)."""
+    return mask_text(run_length_decode(mask_runs, size), label)
+
+
+def mask_text(mask: np.ndarray, label: str) -> str:
+    """An [H, W] mask as words for the segmentation stage: what, how much of the image, and where its centre is
+    (as fractions of the width and height)."""
+    height, width = mask.shape
     ys, xs = np.nonzero(mask)
     share = math.floor(100 * mask.mean() + 0.5)
-    return f"{label} covers {share}% around ({xs.mean() / size:.2f}, {ys.mean() / size:.2f})"
+    if not len(xs):
+        return f"{label} covers 0%"
+    return f"{label} covers {share}% around ({xs.mean() / width:.2f}, {ys.mean() / height:.2f})"
 
 
 __all__ = [
@@ -284,5 +292,6 @@ __all__ = [
     "draw_example",
     "grounding_pairs",
     "grounding_prompt",
+    "mask_text",
     "region_text",
 ]

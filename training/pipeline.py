@@ -7,6 +7,7 @@ expert backbones run once per image for the whole recipe. Every stage writes its
 checkpoint (optimizer, scheduler and RNG states included).
 """
 
+import io
 import json
 import time
 from collections import defaultdict
@@ -24,11 +25,18 @@ from astrea.processing.image_processing_astrea import load_rgb_image
 from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
 from modeling_astrea.modeling_astrea import AstreaAlignment
 
-from .collator import AstreaCollator, instruction_examples, prealign_examples, question_examples
+from .collator import (
+    AstreaCollator,
+    annotation_target,
+    instruction_examples,
+    prealign_examples,
+    question_examples,
+)
 from .data import build_dataset, chance_levels
 from .expert_pretraining import pretrain_experts
 from .feature_cache import FeatureCache, image_key, process_rank
 from .recipe import InstructArgs, OptimArgs, Recipe, deep_merge
+from .sources import PHASES, BadRows, read_source
 
 logger = logging.get_logger(__name__)
 
@@ -65,13 +73,14 @@ class Workspace:
     model: AstreaForConditionalGeneration
     processor: object
     cache: FeatureCache
-    data: dict  # {"train": rows, "test": rows}: the data set's rows without the image column
-    keys: dict  # {"train": [image content hash per row], "test": [...]}
+    data: dict | None  # {"train": rows, "test": rows}: the synthetic set's rows without the image column
+    keys: dict | None  # {"train": [image content hash per row], "test": [...]}
     output_dir: Path
     resume: bool = False
     callbacks: list = field(default_factory=list)
     save_stages: bool = True  # each stage's model in its folder (what `resume` reloads)
     track_heldout: bool = True  # held-out measures during each stage, for stages.png
+    records: dict | None = None  # with data.sources: {phase: records (sources.py), each with its images' "keys"}
 
     @property
     def collator(self) -> AstreaCollator:
@@ -82,7 +91,14 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    records = read_sources(recipe)  # before the model: a missing file or a bad row stops the run here
     model, processor = build_model(recipe)
+    if records is not None:
+        cache = open_cache(recipe, model, processor)
+        ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))
+        ws.records = attach_image_keys(ws, records)
+        check_lengths(ws)
+        return ws
     dataset = load_data(recipe)
     if recipe.expert_pretraining.steps and not recipe.model.pretrained:
         spec = recipe.expert_pretraining
@@ -97,9 +113,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             recipe.seed,
             spec.colour_experts,
         )
-    cache = FeatureCache.for_model(
-        recipe.cache_dir, model, processor.image_processor, dtype=recipe.cache_dtype, shard_mb=recipe.cache_shard_mb
-    )
+    cache = open_cache(recipe, model, processor)
     rows, keys = {}, {}
     for split in ("train", "test"):
         keys[split] = []
@@ -130,6 +144,125 @@ def load_data(recipe: Recipe):
         if missing:
             raise ValueError(f"data.path {spec.path}, split {split}: missing columns {missing}.")
     return dataset
+
+
+def open_cache(recipe: Recipe, model, processor) -> FeatureCache:
+    return FeatureCache.for_model(
+        recipe.cache_dir, model, processor.image_processor, dtype=recipe.cache_dtype, shard_mb=recipe.cache_shard_mb
+    )
+
+
+def read_sources(recipe: Recipe) -> dict | None:
+    """{phase: records} of the recipe's `data.sources` (None without sources). The annotation records of one image
+    from several sources (COCO captions and instances of the same images) become one. Bad rows stop the run
+    here or are left out (`data.on_bad_row`)."""
+    specs = recipe.data.source_args()
+    if not specs:
+        return None
+    bad = BadRows(recipe.data.on_bad_row)
+    records = {phase: [] for phase in PHASES}
+    for spec in specs:
+        rows = read_source(spec, bad)
+        for phase in spec.phases:
+            records[phase].extend(rows)
+    for phase in ("prealign", "eval"):
+        merged, others = {}, []
+        for record in records[phase]:
+            if "image" not in record:  # a conversation
+                others.append(record)
+                continue
+            key = record["image"] if isinstance(record["image"], str) else id(record)
+            if key in merged:
+                entry = merged[key]
+                entry["caption"] = entry["caption"] or record["caption"]
+                if not entry["labels"] and record["labels"]:
+                    entry.update({k: record[k] for k in ("tags", "labels", "boxes", "masks", "width", "height")})
+            else:
+                merged[key] = dict(record)
+        records[phase] = list(merged.values()) + others
+    bad.finish()
+    counts = {phase: len(rows) for phase, rows in records.items()}
+    logger.warning(f"data sources: {counts} records per phase")
+    if not records["prealign"] and not records["instruct"]:
+        raise ValueError("data.sources feed neither prealign nor instruct: nothing to train on.")
+    return records
+
+
+def attach_image_keys(ws: Workspace, records: dict) -> dict:
+    """Decode every record's images once (by path, or the `datasets` value), fill the feature cache with them, and
+    give each record its images' content hashes ("keys"). An image that does not decode is a bad row."""
+    bad = BadRows(ws.recipe.data.on_bad_row)
+    keys: dict = {}  # image ref -> content hash, or None when it does not decode
+    owners: dict = {}  # image ref -> the first record that names it (for the report)
+
+    def refs(record: dict) -> list:
+        return record["images"] if "images" in record else [record["image"]]
+
+    def ref_id(ref):
+        return ref if isinstance(ref, str) else id(ref)
+
+    def images():
+        for phase_records in records.values():
+            for record in phase_records:
+                for ref in refs(record):
+                    if ref_id(ref) in keys:
+                        continue
+                    owners[ref_id(ref)] = record
+                    try:
+                        image = load_rgb_image(open_image_ref(ref))
+                    except (ValueError, OSError, TypeError) as error:
+                        keys[ref_id(ref)] = None
+                        bad.add(record["source"], record["id"], "image", f"does not decode ({error})")
+                        continue
+                    keys[ref_id(ref)] = image_key(image)
+                    yield image
+
+    stats = ws.cache.fill(ws.model, ws.processor.image_processor, images(), desc="expert features")
+    logger.warning(f"feature cache: {stats}")
+    bad.finish()  # stops here (before any training) unless bad rows are skipped
+    out = {}
+    for phase, phase_records in records.items():
+        kept = []
+        for record in phase_records:
+            record_keys = [keys[ref_id(ref)] for ref in refs(record)]
+            if all(key is not None for key in record_keys):
+                kept.append({**record, "keys": record_keys})
+        out[phase] = kept
+    return out
+
+
+def open_image_ref(ref):
+    """A path or PIL image as it is; a `datasets` image value ({"bytes", "path"}) opened."""
+    if isinstance(ref, dict):
+        return PILImage.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") is not None else ref["path"]
+    return ref
+
+
+def conversation_examples(records: list[dict]) -> list[dict]:
+    """Collator examples of conversation records; `type` (what evaluation groups by): the row's question type, or
+    its source's name."""
+    return [{"keys": r["keys"], "messages": r["messages"], "type": r.get("type", r["source"])} for r in records]
+
+
+def check_lengths(ws: Workspace) -> None:
+    """With `data.max_length`, conversations longer than it (image tokens included) are bad rows: reported before
+    training, never truncated inside an image's placeholders."""
+    limit = ws.recipe.data.max_length
+    if limit is None:
+        return
+    bad = BadRows(ws.recipe.data.on_bad_row)
+    collator = ws.collator
+    for phase in ("instruct", "eval"):
+        kept = []
+        for record in ws.records[phase]:
+            length = collator.length(conversation_examples([record])[0])
+            if length > limit:
+                problem = f"{length} tokens, over data.max_length {limit}"
+                bad.add(record["source"], record["id"], "conversations", problem)
+            else:
+                kept.append(record)
+        ws.records[phase] = kept
+    bad.finish()
 
 
 def decoded_images(split_data, split: str, keys: list[str]):
@@ -397,14 +530,41 @@ def prealign(ws: Workspace) -> list[dict]:
                 )
             trainable.append(model.model.residual_attention[current])
         set_trainable(model, trainable, spec.train_language_model)
-        examples = prealign_examples(ws.data["train"], ws.keys["train"], experts, recipe.data.image_size)
-        heldout = prealign_examples(ws.data["test"], ws.keys["test"], experts, recipe.data.image_size)[:64]
+        examples, heldout = stage_examples(ws, experts)
         name = f"{index + 1}-{'all' if spec.joint else current}"
-        records.append(
-            run_stage(ws, name, model, examples, spec, steps, lambda heldout=heldout: token_accuracy(ws, heldout))
-        )
+        measure = (lambda heldout=heldout: token_accuracy(ws, heldout)) if heldout else None
+        records.append(run_stage(ws, name, model, examples, spec, steps, measure))
     model.model.alignment = None
     return records
+
+
+def stage_examples(ws: Workspace, experts: list[str]) -> tuple[list[dict], list[dict]]:
+    """(training examples, held-out examples) of the pre-alignment stage covering `experts`: the synthetic set's,
+    or those of the annotation records that have every target the stage needs (held out: the `eval` phase's)."""
+    size = ws.recipe.data.image_size
+    if ws.records is None:
+        return (
+            prealign_examples(ws.data["train"], ws.keys["train"], experts, size),
+            prealign_examples(ws.data["test"], ws.keys["test"], experts, size)[:64],
+        )
+
+    def examples(records: list[dict]) -> list[dict]:
+        out = []
+        for record in records:
+            if "image" in record and (target := annotation_target(record, experts)) is not None:
+                out.append(
+                    {"key": record["keys"][0], "prompt": target[0], "answer": target[1], "type": "+".join(experts)}
+                )
+        return out
+
+    train = examples(ws.records["prealign"])
+    if not train:
+        raise ValueError(
+            f"No pre-alignment record has the targets the stage for {experts} needs (a caption, tags, boxes, masks "
+            "in turn): add a source with them (COCO instances, or pseudo-labels), or leave the stage out."
+        )
+    logger.warning(f"stage {'+'.join(experts)}: {len(train)} of {len(ws.records['prealign'])} images have its targets")
+    return train, examples(ws.records["eval"])[:64]
 
 
 def apply_lora(model, args: InstructArgs, trainable: list[torch.nn.Module]):
@@ -438,9 +598,16 @@ def instruct(ws: Workspace) -> dict:
     finished = ws.resume and (ws.output_dir / "stages" / "instruct" / "stage.json").exists()
     lora = spec.lora and not finished  # a finished stage's folder already holds the merged model
     train_model = apply_lora(model, spec, modules) if lora else model
-    examples = instruction_examples(ws.data["train"], ws.keys["train"], spec.tasks)
-    heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
-    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, lambda: answer_accuracy(ws, heldout))
+    if ws.records is None:
+        examples = instruction_examples(ws.data["train"], ws.keys["train"], spec.tasks)
+        heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
+    else:
+        examples = conversation_examples(ws.records["instruct"])
+        heldout = conversation_examples([r for r in ws.records["eval"] if "messages" in r])[:128]
+        if not examples:
+            raise ValueError("No data.sources row feeds instruct (a source with phases: [instruct]).")
+    measure = (lambda: answer_accuracy(ws, heldout)) if heldout else None
+    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, measure)
     if lora and ws.save_stages:  # the folder holds the merged model; continue with it
         ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
     elif lora:
@@ -488,9 +655,17 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
     return texts, routers
 
 
+def reference_answer(example: dict) -> str:
+    """What an example's last turn should say: its answer, or its last assistant message."""
+    if "answer" in example:
+        return example["answer"]
+    return [m["content"] for m in example["messages"] if m["role"] == "assistant"][-1]
+
+
 def answer_accuracy(ws: Workspace, examples: list[dict]) -> float:
     texts, _ = answers(ws, examples)
-    return sum(normalise(t) == normalise(e["answer"]) for t, e in zip(texts, examples, strict=True)) / len(examples)
+    hits = sum(normalise(t) == normalise(reference_answer(e)) for t, e in zip(texts, examples, strict=True))
+    return hits / len(examples)
 
 
 @torch.no_grad()
@@ -548,27 +723,41 @@ def evaluate_benchmark(ws: Workspace, rows: list[dict], batch_size: int | None =
 
 
 def evaluate(ws: Workspace) -> dict:
-    """Held-out accuracy per question type next to chance, and the router's mean expert share per type."""
-    examples = question_examples(ws.data["test"], ws.keys["test"])
+    """Held-out accuracy per question type next to chance (where it is known), and the router's mean expert share
+    per type. With data.sources: the `eval` phase's conversations, by source (the last assistant turn is the
+    reference, scored by exact match after normalisation, as astrea.evaluation's VQA metrics do)."""
+    from astrea.evaluation.metrics import exact_match
+
+    if ws.records is None:
+        examples = question_examples(ws.data["test"], ws.keys["test"])
+    else:
+        examples = conversation_examples([r for r in ws.records["eval"] if "messages" in r])
+        if not examples:
+            logger.warning("no data.sources row feeds eval: no accuracy table")
+            return {"accuracy": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
     texts, routers = answers(ws, examples)
-    correct, total, router_sum = defaultdict(int), defaultdict(int), defaultdict(lambda: torch.zeros(4))
+    correct, total, router_sum = defaultdict(float), defaultdict(int), defaultdict(lambda: torch.zeros(4))
     for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
         kind = example["type"]
         total[kind] += 1
-        correct[kind] += normalise(text) == normalise(example["answer"])
+        correct[kind] += exact_match(text, reference_answer(example))
         if routers:
             router_sum[kind] += routers[index]
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
-        "chance": {kind: round(chance[kind], 4) for kind in total},
+        "chance": {kind: round(chance[kind], 4) if kind in chance else None for kind in total},
         "count": dict(total),
         "router": {
             kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
             for kind in router_sum
         },
         "examples": [
-            {"question": e["prompt"], "answer": e["answer"], "prediction": t}
+            {
+                "question": e.get("prompt") or e["messages"][-2]["content"],
+                "answer": reference_answer(e),
+                "prediction": t,
+            }
             for e, t in list(zip(examples, texts, strict=True))[:20]
         ],
     }
@@ -641,13 +830,13 @@ def run(
         records.append(instruct(ws))
     metrics = {"recipe": recipe.output_dir}
     main_process = process_rank()[0] == 0  # every process trains and evaluates; one writes
+    save_model_folder(ws.model, ws.output_dir / "model", ws.processor)  # before evaluation, which may fail
     if "evaluate" in phases:
         metrics.update(evaluate(ws))
         if main_process:
             plot_router(metrics, ws.output_dir / "router.png")
     if records and main_process:
         plot_stages(records, ws.output_dir / "stages.png")
-    save_model_folder(ws.model, ws.output_dir / "model", ws.processor)
     metrics["stages"] = [{k: r[k] for k in ("stage", "steps", "seconds", "heldout")} for r in records]
     metrics["feature_cache"] = ws.cache.stats()
     metrics["minutes"] = round((time.perf_counter() - start) / 60, 2)
@@ -659,7 +848,9 @@ def run(
 def accuracy_table(metrics: dict) -> str:
     lines = ["| question type | accuracy | chance | n |", "| --- | --- | --- | --- |"]
     for kind, value in metrics.get("accuracy", {}).items():
-        lines.append(f"| {kind} | {value:.1%} | {metrics['chance'][kind]:.1%} | {metrics['count'][kind]} |")
+        chance = metrics["chance"].get(kind)
+        chance = "–" if chance is None else f"{chance:.1%}"
+        lines.append(f"| {kind} | {value:.1%} | {chance} | {metrics['count'][kind]} |")
     return "\n".join(lines)
 
 

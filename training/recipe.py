@@ -35,6 +35,28 @@ class DataArgs:
     image_size: int = 64
     seed: int = 0
     every_object: bool = True  # training colour/shape questions about every object, not one per image
+    # files in public formats (training/sources.py): [{format, path, image_root, phases, name, num_samples,
+    # weight}]; with sources, the recipe trains on them instead of the synthetic set
+    sources: list[dict] = field(default_factory=list)
+    on_bad_row: str = "error"  # a bad row stops the run before training ("error") or is left out and counted
+    max_length: int | None = None  # examples longer than this (in tokens) are bad rows; None: no limit
+
+    def source_args(self) -> list:
+        """`sources` as checked SourceArgs (an unknown key or format names its entry)."""
+        from .sources import SourceArgs
+
+        specs = []
+        for index, entry in enumerate(self.sources):
+            if not isinstance(entry, dict):
+                raise ValueError(f"Recipe: data.sources[{index}] must be a mapping, got {entry!r}.")
+            known = {f.name for f in dataclasses.fields(SourceArgs)}
+            unknown = sorted(set(entry) - known)
+            missing = sorted({"format", "path"} - set(entry))
+            if unknown or missing:
+                what = f"unknown key {unknown[0]!r}" if unknown else f"missing {missing[0]!r}"
+                raise ValueError(f"Recipe: data.sources[{index}]: {what}; the keys are {', '.join(sorted(known))}.")
+            specs.append(SourceArgs(**entry))
+        return specs
 
 
 @dataclass
@@ -118,6 +140,14 @@ class Recipe:
     ablation: AblationArgs = field(default_factory=AblationArgs)
 
     def __post_init__(self):
+        self.data.source_args()
+        if self.data.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"Recipe: data.on_bad_row is {self.data.on_bad_row!r}; use error or skip.")
+        if self.data.sources and self.expert_pretraining.steps and not self.model.pretrained:
+            raise ValueError(
+                "Recipe: expert_pretraining trains the tiny experts on the synthetic set; with data.sources start "
+                "from pretrained experts (model.pretrained) or set expert_pretraining.steps: 0."
+            )
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"Recipe: cache_dtype is {self.cache_dtype!r}; use float16, bfloat16 or float32.")
         if self.cache_shard_mb <= 0:

@@ -1,7 +1,8 @@
 """Training data in the formats people already have, read into two kinds of records.
 
-- **Conversations** (instruction tuning): `{"id", "source", "images": [image refs], "messages": [{"role",
-  "content"}]}`, roles `system` / `user` / `assistant`, each image an `<image>` marker in the text where it goes.
+- **Conversations** (instruction tuning): `{"id", "source", "type", "images": [image refs], "messages":
+  [{"role", "content"}]}`, roles `system` / `user` / `assistant`, each image an `<image>` marker in the text where
+  it goes; `type` is the row's `category` or `type` where it has one (evaluation groups by it), else the source.
   From LLaVA conversation JSON (`format: llava`: `id`, `image` as one path or a list, `conversations` of
   `{"from": "human" | "gpt" | "system", "value"}`) and TRL's conversational format (`format: trl`: `messages` with
   typed content parts, `images`). Rows without images, with several images or several turns are all fine.
@@ -330,8 +331,9 @@ def read_annotations(spec: SourceArgs, bad: BadRows) -> list[dict]:
             dropped.add(image_id)  # an image with a bad object would teach a wrong target: it goes whole
     for image_id in dropped:
         records.pop(image_id, None)
-    for entry in records.values():
-        entry["tags"] = list(dict.fromkeys(entry["labels"]))  # the image's categories, in first-seen order
+    for image_id, entry in records.items():
+        tags = images[image_id].get("tags")  # an image's own tags (what `astrea-data label` writes), else
+        entry["tags"] = list(tags) if tags else list(dict.fromkeys(entry["labels"]))  # its categories, in order
     return finish_annotations(list(records.values()), spec, bad)
 
 
@@ -365,7 +367,8 @@ def read_conversations(spec: SourceArgs, bad: BadRows) -> list[dict]:
         except RowError as error:
             bad.add(spec.name, row_id, error.field_name, error.problem)
             continue
-        records.append({"id": str(row_id), "source": spec.name, **record})
+        kind = row.get("category") or row.get("type")  # a question type, where the data has one (evaluation)
+        records.append({"id": str(row_id), "source": spec.name, "type": str(kind or spec.name), **record})
     return limit(records, spec)
 
 

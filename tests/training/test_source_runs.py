@@ -1,0 +1,110 @@
+"""The recipe on files in public formats: the synthetic set written out as COCO captions and instances and LLaVA
+conversations (training/export.py), read back through training/sources.py, trained and evaluated."""
+
+import json
+
+import pytest
+from astrea_testing import TINY
+
+from astrea.training import pipeline
+from astrea.training.collator import annotation_target, stage_target
+from astrea.training.data import build_dataset
+from astrea.training.export import export_synthetic
+from astrea.training.recipe import Recipe
+from astrea.training.sources import BadRows, SourceArgs, read_source
+
+STAGES = ["caption", "classification", "detection", "segmentation"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    dataset = build_dataset(12, 4, 64, seed=3)
+    return root, dataset, export_synthetic(dataset, root / "files")
+
+
+def test_the_files_give_back_the_synthetic_targets(exported):
+    """COCO boxes in pixels and RLE masks, read back, make the same pre-alignment targets, word for word, as the
+    synthetic rows they came from (boxes normalised by the real image size, masks decoded at it)."""
+    _, dataset, sources = exported
+    captions, instances = (SourceArgs(**spec) for spec in sources[:2])
+    bad = BadRows()
+    by_image = {r["image"]: r for r in read_source(instances, bad)}
+    for record in read_source(captions, bad):
+        by_image[record["image"]]["caption"] = record["caption"]
+    assert not bad.problems and len(by_image) == 12
+    for index, row in enumerate(dataset["train"]):
+        record = next(r for path, r in by_image.items() if path.endswith(f"train-{index:05d}.png"))
+        for stages in (STAGES[:1], STAGES[:2], STAGES[:3], STAGES):
+            assert annotation_target(record, stages) == stage_target(row, stages, 64), (index, stages)
+
+
+def test_conversations_hold_multi_turn_and_text_only_rows(exported):
+    _, dataset, sources = exported
+    bad = BadRows()
+    train = read_source(SourceArgs(**sources[2]), bad)
+    turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in train]
+    assert max(turns) > 1 and min(turns) == 1
+    questions = sum(len(row["questions"]) for row in dataset["train"])
+    assert sum(turns[i] for i, r in enumerate(train) if r["images"]) == questions  # every question, once
+    test = read_source(SourceArgs(**sources[5]), bad)
+    assert {r["type"] for r in test} <= {"colour", "shape", "count", "presence", "position", "largest"}
+
+
+def source_recipe(root, sources, **data) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "output_dir": str(root / "run"),
+            "cache_dir": str(root / "cache"),
+            "model": {"config": str(TINY)},
+            "data": {"sources": sources, **data},
+            "prealign": {"stage_steps": [2, 2, 2, 2], "batch_size": 4, "save_steps": 1000, "logging_steps": 1},
+            "instruct": {"steps": 3, "batch_size": 4, "save_steps": 1000, "logging_steps": 1},
+            "eval": {"batch_size": 8, "max_new_tokens": 2},
+        }
+    )
+
+
+def test_the_whole_recipe_trains_and_evaluates_from_the_files(exported, tmp_path):
+    _, dataset, sources = exported
+    metrics = pipeline.run(source_recipe(tmp_path, sources))
+    assert [s["stage"] for s in metrics["stages"]] == [
+        "1-caption", "2-classification", "3-detection", "4-segmentation", "instruct",
+    ]  # fmt: skip
+    kinds = {qa["type"] for row in dataset["test"] for qa in row["questions"]}
+    assert set(metrics["accuracy"]) == kinds  # grouped by the rows' categories
+    assert all(0.0 <= value <= 1.0 for value in metrics["accuracy"].values())
+    assert all(stage["heldout"] for stage in metrics["stages"])  # held out: the eval phase's files
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_an_image_that_does_not_decode_stops_before_training_or_is_skipped(exported, tmp_path):
+    root, _, sources = exported
+    rows = json.loads(open(sources[2]["path"]).read())
+    (root / "files" / "images" / "broken.png").write_bytes(b"not a png")
+    rows.append({"id": "broken", "image": "broken.png", "conversations": rows[0]["conversations"][:2]})
+    bad_file = tmp_path / "llava_bad.json"
+    bad_file.write_text(json.dumps(rows))
+    mixed = [sources[0], {**sources[2], "path": str(bad_file), "name": "mine"}]
+    with pytest.raises(ValueError, match="mine, row broken, image: does not decode"):
+        pipeline.prepare(source_recipe(tmp_path, mixed))
+    assert not (tmp_path / "run" / "stages").exists()
+    ws = pipeline.prepare(source_recipe(tmp_path, mixed, on_bad_row="skip"))
+    assert [r["id"] for r in ws.records["instruct"]] == [r["id"] for r in rows[:-1]]
+    assert all(len(r["keys"]) == len(r["images"]) for r in ws.records["instruct"])
+
+
+def test_an_over_long_conversation_is_a_bad_row(exported, tmp_path):
+    """Conversations longer than data.max_length (image tokens included) are reported before training, or left
+    out whole: never cut inside an image's placeholders."""
+    _, _, sources = exported
+    ws = pipeline.prepare(source_recipe(tmp_path, sources[2:3]))
+    lengths = {
+        r["id"]: ws.collator.length({"keys": r["keys"], "messages": r["messages"]}) for r in ws.records["instruct"]
+    }
+    limit = sorted(lengths.values())[len(lengths) // 2]
+    with pytest.raises(ValueError, match=f"tokens, over data.max_length {limit}"):
+        pipeline.prepare(source_recipe(tmp_path, sources[2:3], max_length=limit))
+    ws = pipeline.prepare(source_recipe(tmp_path, sources[2:3], max_length=limit, on_bad_row="skip"))
+    kept = [r["id"] for r in ws.records["instruct"]]
+    assert kept == [key for key, length in lengths.items() if length <= limit] and 0 < len(kept) < len(lengths)

@@ -1,0 +1,128 @@
+"""The synthetic shapes set written out as files in public formats, so that it goes through the same loaders
+(training/sources.py) as a user's data:
+
+- `images/<split>-<index>.png`;
+- `coco_captions_<split>.json` (COCO captions) and `coco_instances_<split>.json` (COCO instances: boxes `[x, y, w,
+  h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
+  the extension `astrea-data label` also writes);
+- `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as one multi-turn
+  conversation (or single turns, every other image), a few text-only rows, and the held-out split's questions one
+  per row with their `category` (the question type, which evaluation groups by).
+
+`export_synthetic` returns the recipe `data.sources` entries that read them back.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from .data import SHAPES, run_length_decode
+
+#: text-only rows mixed into the training conversations (no image: the LLM keeps answering from text)
+TEXT_ONLY = [
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("Name a shape with no corners.", "circle"),
+    ("Which shapes can appear in the pictures?", ", ".join(SHAPES)),
+]
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
+
+
+def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0) -> None:
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    coco_images, captions, instances, conversations = [], [], [], []
+    categories: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        name = f"{split}-{index:05d}.png"
+        row["image"].save(images_dir / name)
+        width, height = row["image"].size
+        coco_images.append({"id": index, "file_name": name, "width": width, "height": height, "tags": row["tags"]})
+        captions.append({"id": index, "image_id": index, "caption": row["caption"]})
+        for label, box, runs in zip(row["labels"], row["boxes"], row["masks"], strict=True):
+            x0, y0, x1, y1 = (v * side for v, side in zip(box, (width, height, width, height), strict=True))
+            instances.append(
+                {
+                    "id": len(instances),
+                    "image_id": index,
+                    "category_id": categories.setdefault(label, len(categories) + 1),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "segmentation": coco_rle(run_length_decode(runs, image_size)),
+                    "iscrowd": 0,
+                }
+            )
+        questions = list(row["questions"])
+        if split == "train":
+            groups = [questions] if index % 2 == 0 else [[question] for question in questions]
+            for number, group in enumerate(groups):
+                turns = []
+                for turn, qa in enumerate(group):
+                    turns.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + qa["question"]})
+                    turns.append({"from": "gpt", "value": qa["answer"]})
+                conversations.append({"id": f"{split}-{index}-{number}", "image": name, "conversations": turns})
+            if rng.random() < 0.05:
+                question, answer = rng.choice(TEXT_ONLY)
+                conversations.append(
+                    {
+                        "id": f"{split}-{index}-text",
+                        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                    }
+                )
+        else:
+            for number, qa in enumerate(questions):
+                conversations.append(
+                    {
+                        "id": f"{split}-{index}-{number}",
+                        "image": name,
+                        "category": qa["type"],
+                        "conversations": [
+                            {"from": "human", "value": "<image>\n" + qa["question"]},
+                            {"from": "gpt", "value": qa["answer"]},
+                        ],
+                    }
+                )
+    category_list = [{"id": number, "name": label} for label, number in categories.items()]
+    write_json(folder / f"coco_captions_{split}.json", {"images": coco_images, "annotations": captions})
+    write_json(
+        folder / f"coco_instances_{split}.json",
+        {"images": coco_images, "annotations": instances, "categories": category_list},
+    )
+    write_json(folder / f"llava_{split}.json", conversations)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+def export_synthetic(dataset, folder: str | Path, image_size: int = 64, seed: int = 0) -> list[dict]:
+    """Write the synthetic set's splits (a DatasetDict with train and test) under `folder`; the `data.sources` of a
+    recipe that trains on them (pre-alignment from the training split's COCO files, instruction tuning from its
+    conversations, evaluation on the held-out split's)."""
+    folder = Path(folder)
+    for split in ("train", "test"):
+        export_split(dataset[split], split, folder, image_size, seed)
+    root = str(folder / "images")
+
+    def source(fmt: str, name: str, phases: list[str]) -> dict:
+        return {"format": fmt, "path": str(folder / name), "image_root": root, "phases": phases}
+
+    return [
+        source("coco_captions", "coco_captions_train.json", ["prealign"]),
+        source("coco_instances", "coco_instances_train.json", ["prealign"]),
+        source("llava", "llava_train.json", ["instruct"]),
+        source("coco_instances", "coco_instances_test.json", ["eval"]),
+        source("coco_captions", "coco_captions_test.json", ["eval"]),
+        source("llava", "llava_test.json", ["eval"]),
+    ]
+
+
+__all__ = ["export_synthetic"]
