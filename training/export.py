@@ -5,8 +5,8 @@
 - `coco_captions_<split>.json` (COCO captions) and `coco_instances_<split>.json` (COCO instances: boxes `[x, y, w,
   h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
   the extension `astrea-data label` also writes);
-- `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as one multi-turn
-  conversation (or single turns, every other image), a few text-only rows, and the held-out split's questions one
+- `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns,
+  or (every fourth image) as one multi-turn conversation, a few text-only rows, and the held-out split's questions one
   per row with their `category` (the question type, which evaluation groups by).
 
 `export_synthetic` returns the recipe `data.sources` entries that read them back.
@@ -62,7 +62,7 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0)
             )
         questions = list(row["questions"])
         if split == "train":
-            groups = [questions] if index % 2 == 0 else [[question] for question in questions]
+            groups = [questions] if index % 4 == 0 else [[question] for question in questions]
             for number, group in enumerate(groups):
                 turns = []
                 for turn, qa in enumerate(group):
@@ -110,6 +110,12 @@ def export_synthetic(dataset, folder: str | Path, image_size: int = 64, seed: in
     folder = Path(folder)
     for split in ("train", "test"):
         export_split(dataset[split], split, folder, image_size, seed)
+    return synthetic_sources(folder)
+
+
+def synthetic_sources(folder: str | Path) -> list[dict]:
+    """The `data.sources` entries of the files `export_synthetic` writes under `folder`."""
+    folder = Path(folder)
     root = str(folder / "images")
 
     def source(fmt: str, name: str, phases: list[str]) -> dict:
@@ -125,4 +131,4 @@ def export_synthetic(dataset, folder: str | Path, image_size: int = 64, seed: in
     ]
 
 
-__all__ = ["export_synthetic"]
+__all__ = ["export_synthetic", "synthetic_sources"]

@@ -34,9 +34,10 @@ from .collator import (
 )
 from .data import build_dataset, chance_levels
 from .expert_pretraining import pretrain_experts
+from .export import export_synthetic, synthetic_sources
 from .feature_cache import FeatureCache, image_key, process_rank
 from .recipe import InstructArgs, OptimArgs, Recipe, deep_merge
-from .sources import PHASES, BadRows, read_source
+from .sources import PHASES, BadRows, SourceArgs, read_source
 
 logger = logging.get_logger(__name__)
 
@@ -91,15 +92,19 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-    records = read_sources(recipe)  # before the model: a missing file or a bad row stops the run here
+    specs, dataset = recipe.data.source_args(), None
+    if recipe.data.files:  # the synthetic set, written out as COCO and LLaVA files and read back like any data
+        files = output_dir / recipe.data.files  # (an absolute path stays as it is)
+        dataset = load_data(recipe)
+        if process_rank()[0] == 0:
+            export_synthetic(dataset, files, recipe.data.image_size, recipe.seed)
+        if process_rank()[1] > 1:
+            torch.distributed.barrier()
+        specs = [SourceArgs(**spec) for spec in synthetic_sources(files)]
+    records = read_sources(recipe, specs)  # before the model: a missing file or a bad row stops the run here
+    if records is None:
+        dataset = load_data(recipe)
     model, processor = build_model(recipe)
-    if records is not None:
-        cache = open_cache(recipe, model, processor)
-        ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))
-        ws.records = attach_image_keys(ws, records)
-        check_lengths(ws)
-        return ws
-    dataset = load_data(recipe)
     if recipe.expert_pretraining.steps and not recipe.model.pretrained:
         spec = recipe.expert_pretraining
         pretrain_experts(
@@ -114,14 +119,19 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             spec.colour_experts,
         )
     cache = open_cache(recipe, model, processor)
-    rows, keys = {}, {}
+    ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))
+    if records is not None:
+        ws.records = attach_image_keys(ws, records)
+        check_lengths(ws)
+        return ws
+    ws.data, ws.keys = {}, {}
     for split in ("train", "test"):
-        keys[split] = []
-        images = decoded_images(dataset[split], split, keys[split])
+        ws.keys[split] = []
+        images = decoded_images(dataset[split], split, ws.keys[split])
         stats = cache.fill(model, processor.image_processor, images, desc=f"expert features ({split})")
         logger.warning(f"feature cache, {split} split: {stats}")
-        rows[split] = dataset[split].remove_columns("image")
-    return Workspace(recipe, model, processor, cache, rows, keys, output_dir, resume, list(callbacks or []))
+        ws.data[split] = dataset[split].remove_columns("image")
+    return ws
 
 
 REQUIRED_COLUMNS = ("image", "caption", "tags", "boxes", "labels", "masks", "questions")
@@ -152,11 +162,10 @@ def open_cache(recipe: Recipe, model, processor) -> FeatureCache:
     )
 
 
-def read_sources(recipe: Recipe) -> dict | None:
-    """{phase: records} of the recipe's `data.sources` (None without sources). The annotation records of one image
-    from several sources (COCO captions and instances of the same images) become one. Bad rows stop the run
-    here or are left out (`data.on_bad_row`)."""
-    specs = recipe.data.source_args()
+def read_sources(recipe: Recipe, specs: list[SourceArgs]) -> dict | None:
+    """{phase: records} of these sources (None without sources). The annotation records of one image from
+    several sources (COCO captions and instances of the same images) become one. Bad rows stop the run here or
+    are left out (`data.on_bad_row`)."""
     if not specs:
         return None
     bad = BadRows(recipe.data.on_bad_row)

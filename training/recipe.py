@@ -38,6 +38,9 @@ class DataArgs:
     # files in public formats (training/sources.py): [{format, path, image_root, phases, name, num_samples,
     # weight}]; with sources, the recipe trains on them instead of the synthetic set
     sources: list[dict] = field(default_factory=list)
+    # a folder (relative ones under output_dir): draw the synthetic set, write it there as COCO and LLaVA files
+    # (training/export.py) and train on those files as on any sources (`make demo`)
+    files: str | None = None
     on_bad_row: str = "error"  # a bad row stops the run before training ("error") or is left out and counted
     max_length: int | None = None  # examples longer than this (in tokens) are bad rows; None: no limit
 
@@ -143,6 +146,8 @@ class Recipe:
         self.data.source_args()
         if self.data.on_bad_row not in ("error", "skip"):
             raise ValueError(f"Recipe: data.on_bad_row is {self.data.on_bad_row!r}; use error or skip.")
+        if self.data.sources and self.data.files:
+            raise ValueError("Recipe: data.files writes the synthetic set as the sources; give it or data.sources.")
         if self.data.sources and self.expert_pretraining.steps and not self.model.pretrained:
             raise ValueError(
                 "Recipe: expert_pretraining trains the tiny experts on the synthetic set; with data.sources start "

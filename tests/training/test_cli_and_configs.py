@@ -54,6 +54,11 @@ def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
         assert (out / name).exists(), name
     stages = [stage["stage"] for stage in json.loads((out / "metrics.json").read_text())["stages"]]
     assert stages == ["1-caption", "2-classification", "3-detection", "4-segmentation", "instruct"]
+    # it trained from the files it wrote: COCO for pre-alignment, LLaVA conversations for instruction tuning
+    for name in ("coco_captions_train.json", "coco_instances_train.json", "llava_train.json", "llava_test.json"):
+        assert (out / "data" / name).is_file(), name
+    assert len(list((out / "data" / "images").glob("*.png"))) == 16 + 8
+    assert "data sources: {'prealign': 16, 'instruct':" in result.stderr
 
     recipe = Recipe.from_yaml(str(TINY_RECIPE), DEMO_SCALED_DOWN)
     initial, _ = build_model(recipe)  # the same seed: the weights the run started from
