@@ -47,6 +47,7 @@ setup(
             "astrea-train=astrea.training.cli:main",
             "astrea-eval=astrea.evaluation.cli:main",
             "astrea-hub=astrea.hub_cards.cli:main",
+            "astrea-data=astrea.training.labeller:main",
         ],
         # `lmms-eval --model astrea` (lmms-eval itself is installed with --no-deps: see the Makefile)
         "lmms_eval.models": ["astrea=astrea.evaluation.lmms_model:manifests"],

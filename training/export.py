@@ -6,7 +6,7 @@
   h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
   the extension `astrea-data label` also writes);
 - `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns,
-  or (every fourth image) as one multi-turn conversation, a few text-only rows, and the held-out split's questions one
+  or (every eighth image) as two-turn conversations, a few text-only rows, and the held-out split's questions one
   per row with their `category` (the question type, which evaluation groups by).
 
 `export_synthetic` returns the recipe `data.sources` entries that read them back.
@@ -62,7 +62,10 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0)
             )
         questions = list(row["questions"])
         if split == "train":
-            groups = [questions] if index % 4 == 0 else [[question] for question in questions]
+            if index % 8 == 0:  # pairs of turns: a whole image's questions in one row would pad every batch to it
+                groups = [questions[i : i + 2] for i in range(0, len(questions), 2)]
+            else:
+                groups = [[question] for question in questions]
             for number, group in enumerate(groups):
                 turns = []
                 for turn, qa in enumerate(group):

@@ -36,17 +36,23 @@ from .sources import ANNOTATION_FORMATS, BadRows, SourceArgs, read_annotations
 # --- post-processing (each step testable on constructed outputs) ------------------------------------------
 
 
-def tag_prompt(tags: list[str], tokenizer) -> tuple[str, list[list[int]]]:
-    """Grounding DINO's prompt for these tags ("tag a . tag b .") and, per tag, the positions of its tokens."""
-    text = " . ".join(tags) + " ." if tags else "."
-    encoded = tokenizer(text, return_offsets_mapping=True)
+def tag_prompt(tags: list[str], tokenizer, max_tokens: int | None = None) -> tuple[str, list[list[int]], list[str]]:
+    """Grounding DINO's prompt for these tags ("tag a . tag b ."), per tag the positions of its tokens, and the tags
+    it holds: as many as fit in `max_tokens` (the detector's `max_text_len`), in order."""
+    kept = list(tags)
+    while True:
+        text = " . ".join(kept) + " ." if kept else "."
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        if max_tokens is None or len(encoded["offset_mapping"]) <= max_tokens or not kept:
+            break
+        kept.pop()
     spans, start = [], 0
-    for tag in tags:
+    for tag in kept:
         begin = text.index(tag, start)
         end = begin + len(tag)
         spans.append([i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a >= begin and b <= end])
         start = end
-    return text, spans
+    return text, spans, kept
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -129,7 +135,15 @@ def square_pixels(images: list[Image.Image], side: int) -> torch.Tensor:
 class Labeller:
     """The three models and their settings; `label` turns a batch of images into COCO-ready labels."""
 
-    def __init__(self, tagger: str, detector: str, segmenter: str, box_threshold: float = 0.3, device: str = "cpu"):
+    def __init__(
+        self,
+        tagger: str,
+        detector: str,
+        segmenter: str,
+        box_threshold: float = 0.3,
+        tag_threshold: float | None = None,
+        device: str = "cpu",
+    ):
         from transformers import AutoProcessor, GroundingDinoForObjectDetection, Sam2Model
 
         from modeling_astrea.modeling_astrea_tagger import AstreaTaggerModel
@@ -139,7 +153,7 @@ class Labeller:
         self.detector = GroundingDinoForObjectDetection.from_pretrained(detector).to(device).eval()
         self.detector_processor = AutoProcessor.from_pretrained(detector)
         self.segmenter = Sam2Model.from_pretrained(segmenter).to(device).eval()
-        self.box_threshold = box_threshold
+        self.box_threshold, self.tag_threshold = box_threshold, tag_threshold
 
     @staticmethod
     def _side(config) -> int:
@@ -150,8 +164,10 @@ class Labeller:
     def label(self, images: list[Image.Image]) -> list[dict]:
         """Per image: {"tags", "objects": [{"label", "score", "bbox": [x, y, w, h], "segmentation": RLE}]}."""
         tag_side = self._side(self.tagger.config.vision_config)
-        tags = self.tagger.predict_tags(square_pixels(images, tag_side).to(self.device))
-        prompts, spans = zip(*(tag_prompt(t, self.detector_processor.tokenizer) for t in tags), strict=True)
+        tags = self.tagger.predict_tags(square_pixels(images, tag_side).to(self.device), self.tag_threshold)
+        limit = self.detector.config.max_text_len
+        tokenizer = self.detector_processor.tokenizer
+        prompts, spans, prompted = zip(*(tag_prompt(t, tokenizer, limit) for t in tags), strict=True)
         inputs = self.detector_processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
         outputs = self.detector(**{k: v.to(self.device) for k, v in inputs.items()})
         found = [
@@ -184,7 +200,7 @@ class Labeller:
                     mask = mask_from_logits(masks.pred_masks[row, number, 0].cpu(), size)
                     results[i]["objects"].append(
                         {
-                            "label": tags[i][tag],
+                            "label": prompted[i][tag],
                             "score": round(score, 4),
                             "bbox": [x0, y0, x1 - x0, y1 - y0],
                             "segmentation": coco_rle(mask),
@@ -207,6 +223,15 @@ def read_progress(path: Path) -> dict[str, dict]:
                 continue
             done[entry["id"]] = entry
     return done
+
+
+def drop_partial_line(path: Path) -> None:
+    """Cut a last line a kill left without its end, so that the next lines start on their own."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
 
 
 def write_batch(handle, entries: list[dict]) -> None:
@@ -258,9 +283,12 @@ def run(args: argparse.Namespace) -> Path:
     root = Path(args.image_root) if args.image_root else Path(args.path).parent
     mine = [(order, record) for order, record in enumerate(records) if order % world == rank]
     progress_path = out / f"progress-rank{rank}.jsonl"
+    drop_partial_line(progress_path)
     done = read_progress(progress_path)
     todo = [(order, record) for order, record in mine if record["id"] not in done]
-    labeller = Labeller(args.tagger, args.detector, args.segmenter, args.box_threshold, args.device)
+    labeller = Labeller(
+        args.tagger, args.detector, args.segmenter, args.box_threshold, args.tag_threshold, args.device
+    )
     bar = tqdm(
         total=len(mine), initial=len(mine) - len(todo), desc=f"labels (process {rank})", unit="image", disable=None
     )
@@ -298,11 +326,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (coco_instances.json, progress files)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--box-threshold", type=float, default=0.3, help="Grounding DINO score to keep a box")
+    parser.add_argument(
+        "--tag-threshold", type=float, help="one tag probability for all tags (RAM++'s own by default)"
+    )
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or not 0.0 <= args.box_threshold <= 1.0:
-        parser.error("--batch-size must be positive and --box-threshold a probability")
+    thresholds = [args.box_threshold] + ([args.tag_threshold] if args.tag_threshold is not None else [])
+    if args.batch_size < 1 or not all(0.0 <= t <= 1.0 for t in thresholds):
+        parser.error("--batch-size must be positive and the thresholds probabilities")
     return args
 
 

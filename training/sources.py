@@ -289,7 +289,7 @@ def read_annotations(spec: SourceArgs, bad: BadRows) -> list[dict]:
 
     images = coco_images(data, spec.path)
     categories = {c["id"]: c["name"] for c in data.get("categories", [])}
-    if spec.format == "coco_instances" and not categories:
+    if spec.format == "coco_instances" and data["annotations"] and not categories:
         raise ValueError(f"data source {spec.path}: COCO instances without `categories`.")
     for index, annotation in enumerate(data["annotations"]):
         image_id = annotation.get("image_id")
