@@ -10,6 +10,8 @@ from the feature cache, so no expert runs during training. Rows without images a
 a batch.
 """
 
+import re
+
 import torch
 
 from .data import CAPTION_PROMPT, box_text, grounding_pairs, grounding_prompt, mask_text, region_text
@@ -103,18 +105,22 @@ def instruction_examples(rows, keys: list[str], tasks=("questions",)) -> list[di
 
 MEMO_SIZE = 100_000  # tokenized texts kept per collator
 MEMO_TEXT_CHARS = 256  # longer texts (captions, boxes, regions, long turns) are tokenized every time
-SENTINEL = "\u2063ASTREA-TURN\u2063"  # stands in for an assistant turn's text when the template is rendered
+SENTINEL = "\u2063ASTREA-TURN\u2063"
+IMAGE_MARKER, VIDEO_MARKER = (
+    "<image>",
+    "<video>",
+)  # stands in for an assistant turn's text when the template is rendered
 
 
-def as_conversation(example: dict) -> tuple[list[str], list[dict]]:
-    """(image keys, messages) of an example in either form."""
+def as_conversation(example: dict) -> tuple[list[str], list[dict], tuple[int, ...]]:
+    """(image keys, messages, frames per video) of an example in either form."""
     if "messages" in example:
-        return list(example.get("keys") or []), list(example["messages"])
+        return list(example.get("keys") or []), list(example["messages"]), tuple(example.get("frames") or ())
     messages = [
         {"role": "user", "content": "<image>\n" + example["prompt"]},
         {"role": "assistant", "content": example["answer"]},
     ]
-    return [example["key"]], messages
+    return [example["key"]], messages, ()
 
 
 class AstreaCollator:
@@ -139,23 +145,25 @@ class AstreaCollator:
         make = lambda: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         return make() if len(text) > MEMO_TEXT_CHARS else self._memoised(("ids", text), make)
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        """The chat template's text for these messages (image markers as image parts), placeholders expanded."""
-        key = ("render", generation_prompt, *((m["role"], m["content"]) for m in messages))
+    def _render(self, messages: list[dict], generation_prompt: bool, frames: tuple[int, ...] = ()) -> str:
+        """The chat template's text for these messages (image and video markers as parts), placeholders expanded:
+        a video to one image per frame (`frames`: each video's frame count, in order), as the processor does."""
+        key = ("render", generation_prompt, frames, *((m["role"], m["content"]) for m in messages))
 
         def make():
             parts = [{"role": m["role"], "content": content_parts(m["content"])} for m in messages]
             text = self.processor.apply_chat_template(parts, add_generation_prompt=generation_prompt)
-            return text.replace(
-                self.processor.image_token, self.processor.image_token * self.processor.num_image_tokens
-            )
+            image = self.processor.image_token
+            pieces = text.split(VIDEO_MARKER)
+            text = pieces[0] + "".join(image * n + piece for n, piece in zip(frames, pieces[1:], strict=False))
+            return text.replace(image, image * self.processor.num_image_tokens)
 
         return self._memoised(key, make)
 
-    def _assistant_wrapping(self, history: list[dict]) -> tuple[str, str]:
+    def _assistant_wrapping(self, history: list[dict], frames: tuple[int, ...] = ()) -> tuple[str, str]:
         """What the template writes around an assistant turn after `history`: (before its text, after it)."""
-        prompt = self._render(history, generation_prompt=True)
-        full = self._render([*history, {"role": "assistant", "content": SENTINEL}], generation_prompt=False)
+        prompt = self._render(history, True, frames)
+        full = self._render([*history, {"role": "assistant", "content": SENTINEL}], False, frames)
         if not full.startswith(prompt) or full.count(SENTINEL) != 1:
             raise ValueError(
                 "The chat template does not write a conversation as its earlier turns followed by the next one; "
@@ -164,7 +172,7 @@ class AstreaCollator:
         before, after = full[len(prompt) :].split(SENTINEL)
         return before, after
 
-    def tokenize(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def tokenize(self, messages: list[dict], frames: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
         """(input ids, labels) of a conversation; it ends with the last assistant turn's end-of-turn token."""
         last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
         ids, labels, written = [], [], ""
@@ -172,12 +180,12 @@ class AstreaCollator:
         for index, message in enumerate(messages[: last + 1]):
             if message["role"] != "assistant":
                 continue
-            prompt = self._render(messages[:index], generation_prompt=True)
+            prompt = self._render(messages[:index], True, frames)
             if not prompt.startswith(written):
                 raise ValueError(
                     "The chat template rewrites earlier turns when a turn is added; see _assistant_wrapping."
                 )
-            before, after = self._assistant_wrapping(messages[:index])
+            before, after = self._assistant_wrapping(messages[:index], frames)
             # the turn's labelled text runs to the end-of-turn token; what follows it (a newline) is context
             turn = before + message["content"] + after
             end = turn.rfind(eos) + len(eos) if eos and eos in after else len(turn)
@@ -195,7 +203,8 @@ class AstreaCollator:
 
     def length(self, example: dict) -> int:
         """Tokens of an example (for checking against a maximum length before training)."""
-        return len(self.tokenize(as_conversation(example)[1])[0])
+        _, messages, frames = as_conversation(example)
+        return len(self.tokenize(messages, frames)[0])
 
     def _features(self, keys: list[str]) -> dict:
         return {"expert_features": self.cache.load(keys, self.experts)} if keys else {}
@@ -203,8 +212,8 @@ class AstreaCollator:
     def __call__(self, examples: list[dict]) -> dict:
         rows, labels, keys = [], [], []
         for example in examples:
-            example_keys, messages = as_conversation(example)
-            ids, row_labels = self.tokenize(messages)
+            example_keys, messages, frames = as_conversation(example)
+            ids, row_labels = self.tokenize(messages, frames)
             rows.append(ids)
             labels.append(row_labels)
             keys += example_keys
@@ -223,15 +232,13 @@ class AstreaCollator:
         texts, keys = [], []
         for example in examples:
             if "messages" in example:
-                example_keys, messages = as_conversation(example)
+                example_keys, messages, frames = as_conversation(example)
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 messages = messages[:last]
             else:
-                example_keys, messages = (
-                    [example["key"]],
-                    [{"role": "user", "content": "<image>\n" + example["prompt"]}],
-                )
-            texts.append(self._render(messages, generation_prompt=True))
+                example_keys, frames = [example["key"]], ()
+                messages = [{"role": "user", "content": "<image>\n" + example["prompt"]}]
+            texts.append(self._render(messages, True, frames))
             keys += example_keys
         batch = dict(
             self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
@@ -240,12 +247,14 @@ class AstreaCollator:
 
 
 def content_parts(content: str) -> list[dict]:
-    """A turn's text with `<image>` markers -> typed parts (the chat template writes each image part itself, with
-    the newline that follows a marker in LLaVA data)."""
+    """A turn's text with `<image>` / `<video>` markers -> typed parts (the chat template writes each image or video
+    part itself, with the newline that follows a marker in LLaVA data)."""
     parts = []
-    for index, piece in enumerate(content.split("<image>")):
-        if index:
-            parts.append({"type": "image"})
+    for piece in re.split(f"({IMAGE_MARKER}|{VIDEO_MARKER})", content):
+        if piece in (IMAGE_MARKER, VIDEO_MARKER):
+            parts.append({"type": piece.strip("<>")})
+            continue
+        if parts and parts[-1]["type"] != "text":
             piece = piece.removeprefix("\n")
         if piece:
             parts.append({"type": "text", "text": piece})

@@ -250,7 +250,15 @@ def open_image_ref(ref):
 def conversation_examples(records: list[dict]) -> list[dict]:
     """Collator examples of conversation records; `type` (what evaluation groups by): the row's question type, or
     its source's name."""
-    return [{"keys": r["keys"], "messages": r["messages"], "type": r.get("type", r["source"])} for r in records]
+    return [
+        {
+            "keys": r["keys"],
+            "messages": r["messages"],
+            "frames": r.get("frames", []),
+            "type": r.get("type", r["source"]),
+        }
+        for r in records
+    ]
 
 
 def check_lengths(ws: Workspace) -> None:

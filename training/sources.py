@@ -33,6 +33,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+NUM_FRAMES = 8  # frames sampled from a video, as the processor samples them
 INSTRUCTION_FORMATS = ("llava", "trl")
 ANNOTATION_FORMATS = ("coco_captions", "coco_instances", "llava_pretrain")
 FORMATS = INSTRUCTION_FORMATS + ANNOTATION_FORMATS
@@ -159,8 +161,9 @@ def image_missing(ref) -> bool:
 # --- instruction formats -----------------------------------------------------------------------------------
 
 
-def check_conversation(messages: list[dict], images: list) -> None:
-    """Roles, non-empty turns, an assistant turn to learn from, and one `<image>` marker per image."""
+def check_conversation(messages: list[dict], images: list, videos: int = 0) -> None:
+    """Roles, non-empty turns, an assistant turn to learn from, one `<image>` marker per image and one `<video>`
+    marker per video, in user turns."""
     if not messages:
         raise RowError("conversations", "empty conversation")
     for index, message in enumerate(messages):
@@ -173,19 +176,36 @@ def check_conversation(messages: list[dict], images: list) -> None:
     first = messages[1] if messages[0]["role"] == "system" and len(messages) > 1 else messages[0]
     if first["role"] != "user":
         raise RowError("conversations[0]", "the conversation must start with the user (after a system prompt)")
-    markers = sum(message["content"].count(IMAGE_MARKER) for message in messages)
-    if markers != len(images):
-        raise RowError("image", f"{markers} {IMAGE_MARKER} marker(s) in the text for {len(images)} image(s)")
-    for message in messages:
-        if message["role"] != "user" and IMAGE_MARKER in message["content"]:
-            raise RowError("conversations", f"an {IMAGE_MARKER} marker outside a user turn")
+    for marker, given, what in ((IMAGE_MARKER, len(images), "image"), (VIDEO_MARKER, videos, "video")):
+        markers = sum(message["content"].count(marker) for message in messages)
+        if markers != given:
+            raise RowError(what, f"{markers} {marker} marker(s) in the text for {given} {what}(s)")
+        for message in messages:
+            if message["role"] != "user" and marker in message["content"]:
+                raise RowError("conversations", f"a {marker} marker outside a user turn")
+
+
+def video_frames(video, image_root: Path) -> list:
+    """A video's frames, sampled as the processor samples them (`NUM_FRAMES`, spread evenly): from a list of frame
+    files, or a folder of them (in name order). Video files are not decoded here."""
+    from astrea.processing.processing_astrea import sample_frames
+
+    if isinstance(video, str):
+        folder = Path(resolve_image(video, image_root))
+        if not folder.is_dir():
+            raise RowError("video", f"{video} is not a folder of frames (decode a video file to frames first)")
+        frames = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    else:
+        frames = [resolve_image(frame, image_root) for frame in video]
+    if not frames:
+        raise RowError("video", "no frames")
+    return sample_frames(frames, NUM_FRAMES)
 
 
 def llava_conversation(row: dict, image_root: Path) -> dict:
+    """A LLaVA row; a video row's `video` (a folder of frames or a list of frame files) with a `<video>` marker."""
     if "conversations" not in row:
         raise RowError("conversations", "missing (is this LLaVA conversation JSON?)")
-    if "video" in row:
-        raise RowError("video", "video files are not read yet: give the video's frames as a list in `image`")
     images = row.get("image")
     images = [] if images is None else images if isinstance(images, list) else [images]
     messages = []
@@ -194,8 +214,16 @@ def llava_conversation(row: dict, image_root: Path) -> dict:
         if role is None:
             raise RowError(f"conversations[{index}].from", f"unknown role {turn.get('from')!r}")
         messages.append({"role": role, "content": turn.get("value") or ""})
-    check_conversation(messages, images)
-    return {"images": [resolve_image(image, image_root) for image in images], "messages": messages}
+    videos = [] if row.get("video") is None else [row["video"]]
+    check_conversation(messages, images, len(videos))
+    images = [resolve_image(image, image_root) for image in images]
+    if not videos:
+        return {"images": images, "messages": messages, "frames": []}
+    frames = video_frames(videos[0], image_root)
+    # the images in placeholder order: the video's frames where its marker is
+    text = "".join(m["content"] for m in messages)
+    before = text[: text.index(VIDEO_MARKER)].count(IMAGE_MARKER)
+    return {"images": images[:before] + frames + images[before:], "messages": messages, "frames": [len(frames)]}
 
 
 def trl_conversation(row: dict, image_root: Path) -> dict:
@@ -218,7 +246,7 @@ def trl_conversation(row: dict, image_root: Path) -> dict:
             content = "".join(parts)
         messages.append({"role": message.get("role"), "content": content or ""})
     check_conversation(messages, images)
-    return {"images": [resolve_image(image, image_root) for image in images], "messages": messages}
+    return {"images": [resolve_image(image, image_root) for image in images], "messages": messages, "frames": []}
 
 
 # --- annotation formats ------------------------------------------------------------------------------------

@@ -122,3 +122,26 @@ def test_image_markers_become_parts():
         {"type": "text", "text": "B"},
         {"type": "image"},
     ]
+
+
+def test_a_video_is_one_image_per_frame_as_the_processor_writes_it(processor):
+    """A `<video>` of 3 frames: the collator's prompt tokens equal the processor's for the same chat and frames."""
+    from PIL import Image
+
+    collator = AstreaCollator(processor, Cache())
+    example = {
+        "keys": ["k1", "k2", "k3"],
+        "frames": [3],
+        "messages": [
+            {"role": "user", "content": "<video>\nWhat moves?"},
+            {"role": "assistant", "content": "the ball"},
+        ],
+    }
+    ours = collator.generation_inputs([example])["input_ids"][0].tolist()
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    theirs = processor(text=text, videos=[frames], return_tensors="pt")["input_ids"][0].tolist()
+    assert ours == theirs
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert ours.count(image_token) == 3 * processor.num_image_tokens

@@ -240,3 +240,29 @@ def test_num_samples_and_weight(tmp_path, images):
         "0",
         "1",
     ]
+
+
+def test_video_rows_read_their_frames_as_the_processor_samples_them(tmp_path, images):
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for index in range(10):
+        Image.new("RGB", (16, 16), (20 * index, 0, 0)).save(frames / f"{index:03d}.jpg")
+    rows = [
+        llava_row("folder", None, "<video>\nWhat happens?", "It darkens.", video="clip"),
+        llava_row("list", "images/a.png", "<image>\nand <video>\nsame?", "no", video=["clip/000.jpg", "clip/005.jpg"]),
+        llava_row("file", None, "<video>\nQ", "A", video="clip.mp4"),
+        llava_row("unmarked", None, "Q", "A", video="clip"),
+    ]
+    records, bad = read(
+        {"format": "llava", "path": write(tmp_path / "video.json", rows), "image_root": str(tmp_path)}, "skip"
+    )
+    assert len(records) == 2, bad.problems
+    folder, listed = records
+    assert folder["frames"] == [8] and len(folder["images"]) == 8  # 8 of the 10, spread evenly: first and last
+    assert folder["images"][0].endswith("000.jpg") and folder["images"][-1].endswith("009.jpg")
+    assert (
+        listed["frames"] == [2] and listed["images"][0].endswith("a.png") and listed["images"][2].endswith("005.jpg")
+    )
+    text = "\n".join(bad.problems)
+    assert "row file, video: clip.mp4 is not a folder of frames" in text
+    assert "row unmarked, video: 0 <video> marker(s) in the text for 1 video(s)" in text
