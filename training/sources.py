@@ -290,10 +290,10 @@ def read_annotations(spec: SourceArgs, bad: BadRows) -> list[dict]:
     root = Path(spec.image_root) if spec.image_root else Path(spec.path).parent
     records: dict = {}
 
-    def record(image_id, file_name, width, height) -> dict:
+    def record(image_id, image, width, height) -> dict:  # image: resolved (`resolve_image`)
         if image_id not in records:
             records[image_id] = {
-                "id": str(image_id), "source": spec.name, "image": resolve_image(file_name, root),
+                "id": str(image_id), "source": spec.name, "image": image,
                 "width": width, "height": height, "caption": None, "tags": [], "labels": [], "boxes": [], "masks": [],
             }  # fmt: skip
         return records[image_id]
@@ -327,7 +327,7 @@ def read_annotations(spec: SourceArgs, bad: BadRows) -> list[dict]:
             if image is None:
                 raise RowError("image_id", f"no image with id {image_id}")
             width, height = image.get("width"), image.get("height")
-            entry = record(image_id, image["file_name"], width, height)
+            entry = record(image_id, resolve_image(image["file_name"], root), width, height)
             if spec.format == "coco_captions":
                 caption = (annotation.get("caption") or "").strip()
                 if not caption:

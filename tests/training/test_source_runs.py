@@ -2,9 +2,10 @@
 conversations (training/export.py), read back through training/sources.py, trained and evaluated."""
 
 import json
+from pathlib import Path
 
 import pytest
-from astrea_testing import TINY
+from astrea_testing import REPO, TINY
 
 from astrea.training import pipeline
 from astrea.training.collator import annotation_target, stage_target
@@ -108,3 +109,64 @@ def test_an_over_long_conversation_is_a_bad_row(exported, tmp_path):
     ws = pipeline.prepare(source_recipe(tmp_path, sources[2:3], max_length=limit, on_bad_row="skip"))
     kept = [r["id"] for r in ws.records["instruct"]]
     assert kept == [key for key, length in lengths.items() if length <= limit] and 0 < len(kept) < len(lengths)
+
+
+def test_the_13b_recipe_reads_its_data_sets_in_their_formats(tmp_path, monkeypatch):
+    """Every source astrea-13b.yaml lists, as a one-row file of its format at the listed path (the downloads are the
+    user's): all of them read, feed their phases, and a video row gets its frames."""
+    from PIL import Image
+
+    from astrea.training.pipeline import read_sources
+
+    recipe = Recipe.from_yaml(str(REPO / "training" / "recipes" / "astrea-13b.yaml"))
+    monkeypatch.chdir(tmp_path)
+    for spec in recipe.data.source_args():
+        path, root = tmp_path / spec.path, tmp_path / (spec.image_root or Path(spec.path).parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), "red").save(root / "x.png")
+        (root / "clip").mkdir(exist_ok=True)
+        Image.new("RGB", (32, 24), "blue").save(root / "clip" / "0.png")
+        coco = {
+            "images": [{"id": 1, "file_name": "x.png", "width": 32, "height": 24}],
+            "categories": [{"id": 1, "name": "dot"}],
+        }
+        if spec.format == "coco_captions":
+            data = {**coco, "annotations": [{"id": 1, "image_id": 1, "caption": "A red picture."}]}
+        elif spec.format == "coco_instances":
+            data = {**coco, "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+                                             "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]}]}  # fmt: skip
+        elif spec.format == "llava_pretrain" or spec.image_root is None:
+            image = {"image": "x.png"} if spec.format == "llava_pretrain" else {}
+            marker = "<image>\n" if image else ""
+            data = [
+                {
+                    "id": "1",
+                    **image,
+                    "conversations": [{"from": "human", "value": marker + "Q"}, {"from": "gpt", "value": "A"}],
+                }
+            ]
+        elif "video" in spec.path:
+            data = [
+                {
+                    "id": "1",
+                    "video": "clip",
+                    "conversations": [{"from": "human", "value": "<video>\nQ"}, {"from": "gpt", "value": "A"}],
+                }
+            ]
+        else:
+            data = [
+                {
+                    "id": "1",
+                    "image": "x.png",
+                    "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+                }
+            ]
+        path.write_text(json.dumps(data))
+    records = read_sources(recipe, recipe.data.source_args())
+    instruct_sources = [s for s in recipe.data.source_args() if "instruct" in s.phases]
+    assert len(records["instruct"]) == len(instruct_sources) and len(records["eval"]) >= 2
+    # pre-alignment: one record per image, captions and instances of the same image merged
+    assert len(records["prealign"]) == 2
+    assert all(r["caption"] and r["boxes"] for r in records["prealign"]), [(r["caption"], r["boxes"]) for r in records["prealign"]]
+    assert any(r.get("frames") == [1] for r in records["instruct"])
