@@ -16,9 +16,8 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
-
 from .data import SHAPES, run_length_decode
+from .sources import coco_rle
 
 #: text-only rows mixed into the training conversations (no image: the LLM keeps answering from text)
 TEXT_ONLY = [
@@ -27,13 +26,6 @@ TEXT_ONLY = [
     ("Name a shape with no corners.", "circle"),
     ("Which shapes can appear in the pictures?", ", ".join(SHAPES)),
 ]
-
-
-def coco_rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as coco_mask
-
-    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
 
 
 def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0) -> None:

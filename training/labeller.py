@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .feature_cache import process_rank
-from .sources import ANNOTATION_FORMATS, BadRows, SourceArgs, read_annotations
+from .sources import ANNOTATION_FORMATS, BadRows, SourceArgs, coco_rle, read_annotations
 
 # --- post-processing (each step testable on constructed outputs) ------------------------------------------
 
@@ -110,13 +110,6 @@ def mask_from_logits(low_res: torch.Tensor, size: tuple[int, int]) -> np.ndarray
     size (bilinear upsampling, then logit > 0)."""
     full = F.interpolate(low_res[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     return (full > 0).numpy()
-
-
-def coco_rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as coco_mask
-
-    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
 
 
 # --- the models --------------------------------------------------------------------------------------------

@@ -278,6 +278,14 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
     return mask.astype(bool)
 
 
+def coco_rle(mask: np.ndarray) -> dict:
+    """An [H, W] mask -> COCO's compressed RLE (counts as text, as COCO JSON holds them)."""
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
+
+
 def coco_images(data, source: str) -> dict:
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"data source {source}: not COCO JSON (a dict with `images` and `annotations`).")
@@ -418,6 +426,7 @@ __all__ = [
     "BadRows",
     "FORMATS",
     "SourceArgs",
+    "coco_rle",
     "decode_mask",
     "read_annotations",
     "read_conversations",
