@@ -6,8 +6,8 @@ single-turn shorthand `{"key", "prompt", "answer", "type"}` (one image, then the
 examples). The collator writes the conversation with the processor's chat template, expands each image
 placeholder, puts labels on every assistant turn (its text and end-of-turn token) and nowhere else (system
 prompt, user turns, images, the template's own words), pads on the right, and reads the images' expert features
-from the feature cache, so no expert runs during training. Rows without images and rows with several mix freely in
-a batch.
+from the feature cache, so no expert runs during training. Rows without images, with several or with a video (one
+image per frame, as the processor writes it) mix freely in a batch.
 """
 
 import re
@@ -105,21 +105,17 @@ def instruction_examples(rows, keys: list[str], tasks=("questions",)) -> list[di
 
 MEMO_SIZE = 100_000  # tokenized texts kept per collator
 MEMO_TEXT_CHARS = 256  # longer texts (captions, boxes, regions, long turns) are tokenized every time
-SENTINEL = "\u2063ASTREA-TURN\u2063"
-IMAGE_MARKER, VIDEO_MARKER = (
-    "<image>",
-    "<video>",
-)  # stands in for an assistant turn's text when the template is rendered
+SENTINEL = "\u2063ASTREA-TURN\u2063"  # stands in for an assistant turn's text when the template is rendered
+IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 
 
 def as_conversation(example: dict) -> tuple[list[str], list[dict], tuple[int, ...]]:
     """(image keys, messages, frames per video) of an example in either form."""
     if "messages" in example:
         return list(example.get("keys") or []), list(example["messages"]), tuple(example.get("frames") or ())
-    messages = [
-        {"role": "user", "content": "<image>\n" + example["prompt"]},
-        {"role": "assistant", "content": example["answer"]},
-    ]
+    messages = [{"role": "user", "content": "<image>\n" + example["prompt"]}]
+    if "answer" in example:  # (a shorthand for generation may have none)
+        messages.append({"role": "assistant", "content": example["answer"]})
     return [example["key"]], messages, ()
 
 
@@ -231,14 +227,9 @@ class AstreaCollator:
         with the cached expert features: for greedy answers. A shorthand example needs only `key` and `prompt`."""
         texts, keys = [], []
         for example in examples:
-            if "messages" in example:
-                example_keys, messages, frames = as_conversation(example)
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                messages = messages[:last]
-            else:
-                example_keys, frames = [example["key"]], ()
-                messages = [{"role": "user", "content": "<image>\n" + example["prompt"]}]
-            texts.append(self._render(messages, True, frames))
+            example_keys, messages, frames = as_conversation(example)
+            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            texts.append(self._render(messages[: answers[-1]] if answers else messages, True, frames))
             keys += example_keys
         batch = dict(
             self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)

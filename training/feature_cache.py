@@ -140,6 +140,7 @@ class FeatureCache:
         self.hits = self.misses = 0
         self._check_writable()
         self.writers: dict[str, _ShardWriter] = {}
+        self.shards: dict[str, dict] = {}  # {index path: the shard's index, with its memory map}, opened once
         self.refresh()
 
     @classmethod
@@ -167,7 +168,6 @@ class FeatureCache:
 
     def refresh(self) -> None:
         """Read the shard indexes on disk (what other processes or runs wrote since this cache was opened)."""
-        self.shards: dict[str, dict] = getattr(self, "shards", {})  # {shard path: index, with its memory map}
         self.entries: dict[str, dict[str, tuple[str, int]]] = {name: {} for name in self.fingerprints}
         for name in self.fingerprints:
             folder = self.folder(name)
@@ -226,23 +226,23 @@ class FeatureCache:
                         f"No cached {name} features for image {key}: fill the cache first (with several processes, "
                         "`cache_dir` must be on storage that all of them see)."
                     )
-                places.append(self.shards[where[0]] | {"row": where[1]})
-            first = places[0]
-            if any(p["shape"] != first["shape"] or p["torch_dtype"] != first["torch_dtype"] for p in places):
-                out[name] = torch.stack([self._row(p) for p in places])  # shards of different layouts: row by row
+                places.append((self.shards[where[0]], where[1]))
+            first = places[0][0]
+            if any(s["shape"] != first["shape"] or s["torch_dtype"] != first["torch_dtype"] for s, _ in places):
+                out[name] = torch.stack([self._row(*place) for place in places])  # shards of other layouts
             else:
                 batch = torch.empty((len(keys), *first["shape"]), dtype=first["torch_dtype"])
                 raw = batch.view(len(keys), -1).view(torch.uint8).numpy()
-                for index, place in enumerate(places):
-                    raw[index] = place["map"][place["row"]]
+                for index, (shard, row) in enumerate(places):
+                    raw[index] = shard["map"][row]
                 out[name] = batch.to(first["source"])
             self.hits += len(keys)
         return out
 
     @staticmethod
-    def _row(place: dict) -> torch.Tensor:
-        raw = torch.from_numpy(np.array(place["map"][place["row"]]))
-        return raw.view(place["torch_dtype"]).reshape(place["shape"]).to(place["source"])
+    def _row(shard: dict, row: int) -> torch.Tensor:
+        raw = torch.from_numpy(np.array(shard["map"][row]))
+        return raw.view(shard["torch_dtype"]).reshape(shard["shape"]).to(shard["source"])
 
     # --- writing ---------------------------------------------------------------------------------------------
 

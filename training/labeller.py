@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .feature_cache import process_rank
@@ -87,8 +88,7 @@ def detections(
     )
     scores, labels = per_tag.max(dim=1)
     height, width = size
-    cx, cy, w, h = boxes.float().unbind(-1)
-    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp(0, 1)
+    xyxy = center_to_corners_format(boxes.float()).clamp(0, 1)
     xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype)
     order = [int(i) for i in scores.argsort(descending=True) if scores[i] > threshold]
     kept: list[int] = []

@@ -202,7 +202,6 @@ def attach_image_keys(ws: Workspace, records: dict) -> dict:
     give each record its images' content hashes ("keys"). An image that does not decode is a bad row."""
     bad = BadRows(ws.recipe.data.on_bad_row)
     keys: dict = {}  # image ref -> content hash, or None when it does not decode
-    owners: dict = {}  # image ref -> the first record that names it (for the report)
 
     def refs(record: dict) -> list:
         return record["images"] if "images" in record else [record["image"]]
@@ -216,7 +215,6 @@ def attach_image_keys(ws: Workspace, records: dict) -> dict:
                 for ref in refs(record):
                     if ref_id(ref) in keys:
                         continue
-                    owners[ref_id(ref)] = record
                     try:
                         image = load_rgb_image(open_image_ref(ref))
                     except (ValueError, OSError, TypeError) as error:
@@ -285,7 +283,6 @@ def check_lengths(ws: Workspace) -> None:
 def decoded_images(split_data, split: str, keys: list[str]):
     """Decode every row's image (checked: a missing or undecodable image names its row), recording content
     hashes in `keys` as it goes."""
-    import io
 
     from datasets import Image as ImageFeature
 
@@ -294,8 +291,7 @@ def decoded_images(split_data, split: str, keys: list[str]):
         if item is None or (item.get("bytes") is None and item.get("path") is None):
             raise ValueError(f"{split} row {index} has no image.")
         try:
-            source = PILImage.open(io.BytesIO(item["bytes"])) if item.get("bytes") is not None else item["path"]
-            image = load_rgb_image(source, index)
+            image = load_rgb_image(open_image_ref(item), index)
         except (ValueError, OSError) as error:  # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"{split} row {index}: its image does not decode ({error}).") from None
         keys.append(image_key(image))
