@@ -43,6 +43,8 @@ TASKS = {
 GROUNDING_IOU = 0.5  # a grounding answer is right above this IoU with the target box
 MAX_NEW_TOKENS = {"caption": 64, "grounding": 32}  # other tasks: SHORT_ANSWER_TOKENS
 SHORT_ANSWER_TOKENS = 16
+#: the instruction a retrieval caption answers when MoCo's text side reads it (as in training's caption requests)
+RETRIEVAL_PROMPT = "Describe the image briefly."
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
@@ -235,8 +237,9 @@ def retrieval_similarity(
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """Cosine similarity of every retrieval row's image to every distinct caption ([images, texts], with the
     model's `get_image_embeddings` / `get_text_embeddings`), and the images each caption belongs to (a caption that
-    two images share is one text, right for both). Captions are embedded as MoCo saw its targets in training:
-    " caption" followed by the tokenizer's EOS."""
+    two images share is one text, right for both). Captions are embedded as MoCo reads its texts in training: as the
+    assistant's answer to a request for a description (`RETRIEVAL_PROMPT`) in the chat template, pooled over the
+    answer."""
     inputs = inputs or PixelInputs(processor)
     device = next(model.parameters()).device
     chosen = [row for row in rows if row["task"] == "retrieval"]
@@ -251,16 +254,24 @@ def retrieval_similarity(
         for text in dict.fromkeys(row["answers"]):
             owners.setdefault(text, []).append(index)
     texts = list(owners)
-    eos = processor.tokenizer.eos_token or ""
+    request = [{"role": "user", "content": [{"type": "text", "text": RETRIEVAL_PROMPT}]}]
+    prefix = processor.apply_chat_template(request, add_generation_prompt=True)
+    tokenizer = processor.tokenizer
+    answer_start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
     text_embeds = []
     for start in range(0, len(texts), batch_size):
-        rendered = [f" {text}{eos}" for text in texts[start : start + batch_size]]
-        tokens = processor.tokenizer(rendered, padding=True, return_tensors="pt", add_special_tokens=False)
-        text_embeds.append(
-            model.get_text_embeddings(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-            .float()
-            .cpu()
+        rendered = [
+            processor.apply_chat_template(
+                [*request, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
+            )
+            for text in texts[start : start + batch_size]
+        ]
+        tokens = tokenizer(rendered, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+        answer = torch.arange(tokens["input_ids"].shape[1])[None, :] >= answer_start
+        embeds = model.get_text_embeddings(
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device), answer.to(device)
         )
+        text_embeds.append(embeds.float().cpu())
     return torch.cat(images) @ torch.cat(text_embeds).t(), list(owners.values())
 
 

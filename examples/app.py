@@ -25,10 +25,13 @@ class GenerationError(RuntimeError):
     the error, which is the cause (`__cause__`)."""
 
 
-def encode_image(model, **inputs):
-    """`model.get_image_features(**inputs)` (the experts run here, where memory runs out first at real scale), with a
-    failure raised as a GenerationError."""
+def encode_image(model, experts_only: bool = False, **inputs):
+    """`model.get_image_features(**inputs)` (the experts run here, where memory runs out first at real scale), or
+    with `experts_only` the experts' features before routing (`get_expert_features`), with a failure raised as a
+    GenerationError."""
     try:
+        if experts_only:
+            return model.get_expert_features(**inputs)
         return model.get_image_features(**inputs, return_dict=True)
     except Exception as error:
         raise GenerationError(f"the experts failed on the image: {type(error).__name__}: {error}") from error

@@ -3,8 +3,9 @@
     python examples/chat.py --image photo.jpg [--model outputs/tiny-random] [--max-new-tokens 64]
 
 Type a question per line; an empty line or end of input quits. The image goes through the four experts once,
-on the first turn; every later turn reuses those fused visual tokens (`mm_encoder_outputs`) instead of running
-the experts again. Answers stream token by token (`TextIteratorStreamer`, through app.py's `stream_generate`).
+on the first turn; every later turn reuses the experts' features (`expert_features`) instead of running the
+experts again, and routes them afresh for its own question (a task-aware router reads it). Answers stream token
+by token (`TextIteratorStreamer`, through app.py's `stream_generate`).
 If answering fails (the experts or generation: out of memory, say), the error is one line on stderr and the
 exit status is 1.
 """
@@ -37,7 +38,7 @@ def main():
 
     image_inputs = processor.image_processor(Image.open(args.image), return_tensors="pt")
     num_tiles = int(image_inputs.pop("num_tiles").sum())
-    features = None
+    expert_features = None
     messages = []
     interactive = sys.stdin.isatty()
     while True:
@@ -58,9 +59,15 @@ def main():
         print("astrea> ", end="", flush=True)
         answer = ""
         try:
-            if features is None:
-                with torch.no_grad():
-                    features = encode_image(model, **image_inputs)  # the experts' only run
+            with torch.no_grad():
+                if expert_features is None:
+                    expert_features = encode_image(model, experts_only=True, **image_inputs)  # the experts' only run
+                features = model.get_image_features(  # the router, for this turn's prompt
+                    expert_features=expert_features,
+                    prompt_input_ids=inputs["input_ids"],
+                    prompt_attention_mask=inputs["attention_mask"],
+                    return_dict=True,
+                )
             pieces = stream_generate(
                 model,
                 processor.tokenizer,

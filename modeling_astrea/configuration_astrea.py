@@ -187,6 +187,12 @@ class AstreaConfig(PreTrainedConfig):
     router_mode (`str`): `"token"`, the paper's router (per visual token, on the projected expert features), or
         `"sample"`, one routing per image from its global (caption) feature and the prompt, so that the experts
         outside its top-k do not run at all (faster inference; an option of ours, not the paper's).
+    router_prompt (`bool`): the per-token router also reads the instruction (an option of ours; docs/design.md):
+        each image's routing logits get a bias from the mean input embedding of its prompt's text tokens, through a
+        zero-initialised `prompt_router` (so training starts from the paper's router). Without a prompt (vLLM,
+        `get_image_features` on pixels alone) the bias is zero. Token mode only.
+    router_prompt_dropout (`float`): in training, the share of images routed without their prompt, so that the
+        prompt-free routing (what vLLM serves) is trained too.
     adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
     projector_hidden_act (`str`): activation of the expert projectors (Linear-act-Linear FFNs).
     detection_feature_level (`int`): which level of Grounding DINO's multi-scale encoder memory is the grid.
@@ -228,6 +234,8 @@ class AstreaConfig(PreTrainedConfig):
     image_grid_size: int = 24
     router_top_k: int = 3
     router_mode: str = "token"
+    router_prompt: bool = False
+    router_prompt_dropout: float = 0.1
     adapter_hidden_size: int = 1024
     projector_hidden_act: str = "gelu"
     detection_feature_level: int = 1
@@ -295,6 +303,10 @@ class AstreaConfig(PreTrainedConfig):
             problems.append(f"router_top_k={self.router_top_k} must be between 1 and {len(EXPERT_NAMES)}")
         if self.router_mode not in ("token", "sample"):
             problems.append(f"router_mode={self.router_mode!r} must be 'token' or 'sample'")
+        if self.router_prompt and self.router_mode != "token":
+            problems.append("router_prompt=True is for router_mode='token' (router_mode='sample' reads the prompt)")
+        if not 0.0 <= self.router_prompt_dropout <= 1.0:
+            problems.append(f"router_prompt_dropout={self.router_prompt_dropout} must be in [0, 1]")
         if self.image_grid_size < 1:
             problems.append(f"image_grid_size={self.image_grid_size} must be positive")
         if self.adapter_hidden_size < 1 or self.moco_embed_dim < 1 or self.moco_queue_size < 1:

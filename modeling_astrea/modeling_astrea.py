@@ -110,6 +110,8 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
     past_key_values, hidden_states, attentions: as returned by the LLM.
     image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens.
     router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
+    moco_chance (`()`): what `loss_moco` would be if every candidate were as similar as the positive (the log of the
+        number of candidates each term counts): `loss_moco` below it means MoCo has learnt something.
     """
 
     loss: torch.FloatTensor | None = None
@@ -121,6 +123,7 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
+    moco_chance: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -416,12 +419,26 @@ class AstreaResidualAttention(nn.Module):
         return features + any_open * attended
 
 
+def text_hash(token_ids: list[int]) -> int:
+    """A text's id for MoCo's negatives: equal token sequences give equal ids, in every process (a 62-bit
+    polynomial hash, non-negative)."""
+    value = 0
+    for token in token_ids:
+        value = (value * 1_000_003 + int(token) + 1) % (2**61 - 1)
+    return value
+
+
 class AstreaMoCo(nn.Module):
     """Momentum contrast between images and their text (Sec. 3.2.1, as docs/design.md reads Eq. 5-8).
 
-    Queries: the online head on mean-pooled fused visual tokens. Keys: the momentum (EMA) copy of that head on
-    the mean-pooled input embeddings of the paired target text, under no_grad. Negatives: the batch's other keys
-    and a queue of earlier keys (gathered across processes under torch.distributed).
+    Queries: the online image head on mean-pooled fused visual tokens. Texts: the sample's instruction and answer as
+    the LLM reads them without the image (its last hidden states, pooled over the answer, under no_grad), through a
+    text head. Keys: the momentum (EMA) copy of the text head, under no_grad. The row term (Eq. 6, r_i) ranks a
+    query's key among the batch's other keys and a queue of earlier keys (gathered across processes under
+    torch.distributed); the column term (c_i) ranks, for each text through the online text head, its image among the
+    batch's images, and is what trains the text head. A candidate whose text is the positive's own (`text_ids`, a
+    hash of the text's tokens) is left out of both: another image asked the same question with the same answer is
+    not a negative.
 
     The EMA update (Eq. 8) belongs once to each optimizer step, before that step's keys are computed (as in MoCo).
     By default `forward` makes it in training mode, which is once per step in a plain training loop; a trainer that
@@ -438,49 +455,68 @@ class AstreaMoCo(nn.Module):
         self.momentum = config.moco_momentum
         self.temperature = config.moco_temperature
         self.lam = config.moco_lambda
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_embed_dim))
-        self.momentum_head = copy.deepcopy(self.head).requires_grad_(False)
+
+        def head() -> nn.Module:
+            return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.moco_embed_dim))
+
+        self.head = head()  # images (queries)
+        self.text_head = head()  # texts, online (the column term)
+        self.momentum_head = copy.deepcopy(self.text_head).requires_grad_(False)  # texts, keys (Eq. 8)
         self.register_buffer("queue", torch.zeros(config.moco_queue_size, config.moco_embed_dim))
+        self.register_buffer("queue_text_ids", torch.zeros(config.moco_queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
 
+    def distinct_text_ids(self, count: int, device=None) -> torch.Tensor:
+        """Ids for texts not known to equal any other: negative (unlike `text_hash`'s), new at every call: [count]."""
+        first = getattr(self, "_anonymous", 0)
+        self._anonymous = first + count
+        return -1 - first - torch.arange(count, device=device)
+
     @torch.no_grad()
     def reset_momentum_head(self):
-        for momentum, online in zip(self.momentum_head.parameters(), self.head.parameters(), strict=True):
+        for momentum, online in zip(self.momentum_head.parameters(), self.text_head.parameters(), strict=True):
             momentum.copy_(online)
 
     @torch.no_grad()
     def momentum_update(self):
         """Eq. 8: theta_M = m * theta_M + (1 - m) * theta_E (on whole weights under DeepSpeed ZeRO-3; on each
         process's shards under FSDP2, which split both heads alike)."""
-        pairs = list(zip(self.momentum_head.parameters(), self.head.parameters(), strict=True))
+        pairs = list(zip(self.momentum_head.parameters(), self.text_head.parameters(), strict=True))
         with _gathered([p for pair in pairs for p in pair], modify=True):
             for momentum, online in pairs:
                 momentum.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor):
-        """Write the batch's keys (from every process) over the oldest entries of the ring buffer.
+    def enqueue(self, keys: torch.Tensor, text_ids: torch.Tensor | None = None):
+        """Write the batch's keys and their text ids (from every process) over the oldest entries of the ring buffer.
 
         Under torch.distributed every process must call this at the same point of each training step, with however
         many keys it has (none included): the processes' key counts are exchanged first, so they may differ."""
+        if text_ids is None:
+            text_ids = self.distinct_text_ids(keys.shape[0], keys.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             count = torch.tensor([keys.shape[0]], device=keys.device)
             counts = [torch.zeros_like(count) for _ in range(world)]
             torch.distributed.all_gather(counts, count)
             counts = [int(c) for c in counts]
-            padded = keys.new_zeros(max(counts), keys.shape[-1])
-            padded[: keys.shape[0]] = keys
-            gathered = [torch.empty_like(padded) for _ in range(world)]
-            torch.distributed.all_gather(gathered, padded)
-            keys = torch.cat([rows[:n] for rows, n in zip(gathered, counts, strict=True)])
+
+            def gather(rows: torch.Tensor) -> torch.Tensor:
+                padded = rows.new_zeros(max(counts), *rows.shape[1:])
+                padded[: rows.shape[0]] = rows
+                parts = [torch.empty_like(padded) for _ in range(world)]
+                torch.distributed.all_gather(parts, padded)
+                return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+            keys, text_ids = gather(keys), gather(text_ids.to(keys.device))
         if keys.shape[0] == 0:
             return
         size = self.queue.shape[0]
-        keys = keys[-size:]
+        keys, text_ids = keys[-size:], text_ids[-size:]
         index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_text_ids[index] = text_ids.to(self.queue_text_ids.device)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
 
@@ -491,28 +527,46 @@ class AstreaMoCo(nn.Module):
     def embed_texts(self, pooled_text: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.momentum_head(pooled_text), dim=-1)
 
-    def forward(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
-        """pooled_visual, pooled_text: [B, D] for B image-text pairs -> scalar L_moco (Eq. 7)."""
+    def forward(
+        self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor, text_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled_visual, pooled_text: [B, D] for B image-text pairs; text_ids: [B] (equal for equal texts) or None
+        (all texts distinct) -> (L_moco (Eq. 7), its chance level: the loss of uniform similarities over the
+        candidates each term counts)."""
         if self.training and self.update_in_forward:
             self.momentum_update()
+        batch = pooled_visual.shape[0]
+        if text_ids is None:
+            text_ids = self.distinct_text_ids(batch, pooled_visual.device)
         queries = self.embed_images(pooled_visual)  # [B, d]
-        keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d]
-        negatives = self.queue[: int(self.queue_len)].to(queries.dtype).clone()  # [n, d]
-        similarities = queries @ torch.cat([keys, negatives]).T / self.temperature  # S, Eq. 5: [B, B + n]
-        log_r = similarities.log_softmax(dim=1).diagonal()  # r_i: row softmax at the positive (Eq. 6)
-        log_c = similarities[:, : keys.shape[0]].log_softmax(dim=0).diagonal()  # c_i: column softmax in the batch
+        keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d], momentum text head
+        texts = F.normalize(self.text_head(pooled_text), dim=-1).to(queries.dtype)  # [B, d], online text head
+        queued = int(self.queue_len)
+        negatives = self.queue[:queued].to(queries.dtype).clone()  # [n, d]
+        # a candidate with the positive's own text is not a negative: left out of both softmaxes
+        candidate_ids = torch.cat([text_ids, self.queue_text_ids[:queued]])
+        same_text = text_ids[:, None] == candidate_ids[None, :]
+        same_text[:, :batch].fill_diagonal_(False)
+        rows = queries @ torch.cat([keys, negatives]).T / self.temperature  # S, Eq. 5: [B, B + n]
+        log_r = rows.masked_fill(same_text, float("-inf")).log_softmax(dim=1).diagonal()  # r_i (Eq. 6)
+        columns = queries @ texts.T / self.temperature  # [B images, B texts]
+        log_c = columns.masked_fill(same_text[:, :batch], float("-inf")).log_softmax(dim=0).diagonal()  # c_i
         loss = -(self.lam * log_r + (1.0 - self.lam) * log_c).mean()  # Eq. 7
+        counted = (~same_text).sum(dim=1).float()  # candidates per row
+        counted_in_column = (~same_text[:, :batch]).sum(dim=0).float()
+        chance = (self.lam * counted.log() + (1.0 - self.lam) * counted_in_column.log()).mean()
         if self.training:
-            self.enqueue(keys)
-        return loss
+            self.enqueue(keys, text_ids)
+        return loss, chance.detach()
 
     def skip(self) -> torch.Tensor:
         """A training step without image-text pairs on this process: it still takes part in the other processes'
         key exchange (which would otherwise wait for it forever) and returns a zero that touches the head's
         parameters, so that DDP's gradient reduction finds every parameter used."""
         if self.training:
-            self.enqueue(self.queue.new_zeros(0, self.queue.shape[-1]))
-        return sum(p.sum() * 0.0 for p in self.head.parameters() if p.requires_grad) + self.queue.new_zeros(())
+            self.enqueue(self.queue.new_zeros(0, self.queue.shape[-1]), self.queue_text_ids.new_zeros(0))
+        heads = [*self.head.parameters(), *self.text_head.parameters()]
+        return sum(p.sum() * 0.0 for p in heads if p.requires_grad) + self.queue.new_zeros(())
 
 
 # --- Models -------------------------------------------------------------------------------------------------
@@ -573,6 +627,7 @@ class AstreaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, AstreaMoCo):
             module.reset_momentum_head()
             module.queue.zero_()
+            module.queue_text_ids.zero_()
             module.queue_ptr.zero_()
             module.queue_len.zero_()
 
@@ -605,6 +660,11 @@ class AstreaModel(AstreaPreTrainedModel):
         # per visual token on the concatenated projected features (Eq. 9), or per image on [global; prompt]
         router_inputs = len(EXPERT_NAMES) * hidden if config.router_mode == "token" else 2 * hidden
         self.router = nn.Linear(router_inputs, len(EXPERT_NAMES))
+        # the instruction's bias on every visual token's routing logits (config.router_prompt), zero at the start
+        self.prompt_router = None
+        if config.router_prompt and config.router_mode == "token":
+            self.prompt_router = nn.Linear(hidden, len(EXPERT_NAMES))
+            self.prompt_router.zero_init = True
         self.adapters = nn.ModuleDict(
             {name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES}
         )
@@ -619,6 +679,11 @@ class AstreaModel(AstreaPreTrainedModel):
         self.alignment: AstreaAlignment | None = None
         self.post_init()
         self.train(self.training)  # applies config.freeze_experts
+
+    @property
+    def routes_on_prompt(self) -> bool:
+        """Whether the router reads the prompt (`router_mode="sample"` or `router_prompt`)."""
+        return self.config.router_mode == "sample" or self.prompt_router is not None
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -691,10 +756,23 @@ class AstreaModel(AstreaPreTrainedModel):
             features[name] = feature_map.flatten(2).transpose(1, 2)  # [N, P, C]
         return features
 
-    def fuse_expert_features(self, expert_features: dict[str, torch.Tensor]) -> AstreaImageFeatures:
-        """Project each expert's features, route (Eq. 9) and mix the adapted features (Eq. 10)."""
+    def fuse_expert_features(
+        self, expert_features: dict[str, torch.Tensor], prompt: torch.Tensor | None = None
+    ) -> AstreaImageFeatures:
+        """Project each expert's features, route (Eq. 9) and mix the adapted features (Eq. 10).
+
+        `prompt` ([N, D], with `config.router_prompt`): each image's prompt summary (`image_prompt_embeds`), whose
+        `prompt_router` bias is added to the routing logits of every one of that image's tokens; None routes on the
+        image alone."""
         projected = [self.projectors[name](expert_features[name]) for name in EXPERT_NAMES]  # E x [N, P, D]
         router_logits = self.router(torch.cat(projected, dim=-1))  # [N, P, E]
+        if self.prompt_router is not None and prompt is not None:
+            if prompt.shape[0] != router_logits.shape[0]:
+                raise ValueError(
+                    f"The text holds {prompt.shape[0]} images' worth of image tokens but {router_logits.shape[0]} "
+                    f"images were given ({self.config.num_image_tokens} image tokens per image)."
+                )
+            router_logits = router_logits + self.prompt_router(prompt.to(router_logits.dtype))[:, None, :]
         router_probs = top_k_router_probs(router_logits, self.config.router_top_k)  # [N, P, E]
         adapted = [self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected, strict=True)]
         adapted = torch.stack(adapted, dim=-2)  # [N, P, E, D]
@@ -813,9 +891,12 @@ class AstreaModel(AstreaPreTrainedModel):
     ) -> AstreaImageFeatures:
         """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`.
 
-        With `config.router_mode == "sample"`, the router also reads the prompt: pass the token sequence the images
-        sit in as `prompt_input_ids` (with its `prompt_attention_mask`, and `prompt_mask` marking the prompt when
-        the sequence also holds the answer); without it the router sees the image alone.
+        With `config.router_mode == "sample"` or `config.router_prompt`, the router also reads the prompt: pass the
+        token sequence the images sit in as `prompt_input_ids` (with its `prompt_attention_mask`, and `prompt_mask`
+        marking the prompt when the sequence also holds the answer); without it the router sees the image alone.
+        The experts' features do not depend on the prompt: to ask a second question about the same images, keep
+        `get_expert_features`' output and pass it back as `expert_features` with the new prompt (the experts do
+        not run again; the router does).
 
         Returns an `AstreaImageFeatures` (a `BaseModelOutputWithPooling`): the fused tokens in `pooler_output`, the
         experts' own features in `last_hidden_state` (and per expert in `hidden_states` with
@@ -857,7 +938,14 @@ class AstreaModel(AstreaPreTrainedModel):
             if self.alignment is not None:
                 output = self.get_alignment_features(expert_features)
             else:
-                output = self.fuse_expert_features(expert_features)
+                prompt = None
+                if self.prompt_router is not None and prompt_input_ids is not None:
+                    prompt = self.image_prompt_embeds(prompt_input_ids, prompt_attention_mask, prompt_mask)
+                    dropout = self.config.router_prompt_dropout
+                    if self.training and dropout > 0:  # trains the prompt-free routing too
+                        keep = torch.rand(prompt.shape[0], 1, device=prompt.device) >= dropout
+                        prompt = prompt * keep.to(prompt.dtype)
+                output = self.fuse_expert_features(expert_features, prompt)
             per_expert = tuple(expert_features[name] for name in EXPERT_NAMES if name in needed)
         # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
         return AstreaImageFeatures(
@@ -912,8 +1000,8 @@ class AstreaModel(AstreaPreTrainedModel):
         router_prompt_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> AstreaModelOutputWithPast:
-        """`router_prompt_mask` ([B, T], optional): which tokens are prompt (not answer), for the sample-level
-        router (`config.router_mode == "sample"`); by default every text token is."""
+        """`router_prompt_mask` ([B, T], optional): which tokens are prompt (not answer), for a router that reads the
+        prompt (`config.router_mode == "sample"` or `config.router_prompt`); by default every text token is."""
         # 1. check inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -1135,14 +1223,40 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     def get_expert_features(self, **kwargs) -> dict[str, torch.Tensor]:
         return self.model.get_expert_features(**kwargs)
 
+    @torch.no_grad()
+    def encode_text(
+        self, input_ids: torch.LongTensor, read_mask: torch.Tensor, pool_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MoCo's text side before its head: the LLM reads each row's `read_mask` tokens alone (image placeholders and
+        padding left out, the rest moved together) and its last hidden states are mean-pooled over the `pool_mask`
+        tokens (all it read by default). Under no_grad: the text side is the momentum (key) path. [B, D]"""
+        pool_mask = read_mask if pool_mask is None else pool_mask & read_mask
+        lengths = read_mask.sum(dim=1)
+        width = max(int(lengths.max()), 1)
+        order = torch.argsort((~read_mask).to(torch.int8), dim=1, stable=True)[:, :width]  # read tokens first
+        ids = input_ids.gather(1, order)
+        attention = torch.arange(width, device=ids.device)[None, :] < lengths[:, None]
+        pool = pool_mask.gather(1, order) & attention
+        ids = ids.masked_fill(~attention, 0)
+        hidden = self.model.language_model(input_ids=ids, attention_mask=attention.long(), use_cache=False)
+        hidden = hidden.last_hidden_state * pool.unsqueeze(-1).to(hidden.last_hidden_state.dtype)
+        return hidden.sum(dim=1) / pool.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+
     def _moco_pairs(
-        self, input_ids: torch.LongTensor, labels: torch.LongTensor, image_features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Mean-pooled visual tokens and target-text embeddings for each sample that has both: [B', D] each."""
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        image_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For each sample that has images and target text: its mean-pooled visual tokens, its text as the LLM reads
+        it without the images (pooled over the answer tokens, which follow the instruction), and its text's id
+        (`text_hash` of the instruction and answer tokens): [B', D], [B', D], [B']."""
         image_mask = input_ids == self.config.image_token_id  # [B, T]
-        text_mask = (labels != -100) & ~image_mask  # the target text
+        text_mask = ~image_mask if attention_mask is None else attention_mask.bool() & ~image_mask
+        answer_mask = (labels != -100) & text_mask  # the target text
         images_per_sample = image_mask.sum(dim=1) // self.config.num_image_tokens  # [B]
-        keep = (images_per_sample > 0) & text_mask.any(dim=1)
+        keep = (images_per_sample > 0) & answer_mask.any(dim=1)
         if not keep.any():
             return None
         sample_of_image = torch.repeat_interleave(
@@ -1153,10 +1267,9 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             len(input_ids), pooled_images.shape[-1], device=pooled_images.device, dtype=pooled_images.dtype
         ).index_add_(0, sample_of_image, pooled_images)
         visual = visual / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual.dtype)
-        with torch.no_grad():
-            text_embeds = self.get_input_embeddings()(input_ids) * text_mask.unsqueeze(-1)
-            text = text_embeds.sum(dim=1) / text_mask.sum(dim=1, keepdim=True).clamp(min=1)
-        return visual[keep], text[keep]
+        text = self.encode_text(input_ids[keep], text_mask[keep], answer_mask[keep])
+        ids = [text_hash(row[mask].tolist()) for row, mask in zip(input_ids[keep], text_mask[keep], strict=True)]
+        return visual[keep], text, torch.tensor(ids, device=input_ids.device)
 
     def get_image_embeddings(self, **image_inputs) -> torch.Tensor:
         """L2-normalised image embeddings from the MoCo head (for retrieval): [num_images, moco_embed_dim]."""
@@ -1165,8 +1278,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """GenerationMixin.generate; with the sample-level router, images are encoded here, where the prompt is
-        known (generate's own image encoding sees pixel inputs only)."""
+        """GenerationMixin.generate; with a router that reads the prompt (`router_mode="sample"`, `router_prompt`),
+        images are encoded here, where the prompt is known (generate's own image encoding sees pixel inputs only)."""
         pixel_names = {
             *PIXEL_INPUT_NAMES.values(),
             "detection_pixel_mask",
@@ -1174,7 +1287,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             "detection_attention_mask",
         }
         has_pixels = any(kwargs.get(name) is not None for name in PIXEL_INPUT_NAMES.values())
-        if self.config.router_mode == "sample" and has_pixels and not kwargs.get("mm_encoder_outputs"):
+        if self.model.routes_on_prompt and has_pixels and not kwargs.get("mm_encoder_outputs"):
             input_ids = inputs if inputs is not None else kwargs.get("input_ids")
             pixels = {name: kwargs.pop(name) for name in pixel_names if name in kwargs}
             features = self.model.get_image_features(
@@ -1185,11 +1298,18 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         return super().generate(inputs, **kwargs)
 
     @torch.no_grad()
-    def get_text_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
-        """L2-normalised text embeddings from the momentum MoCo head (for retrieval): [batch, moco_embed_dim]."""
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        embeds = self.get_input_embeddings()(input_ids) * mask.unsqueeze(-1)
-        return self.moco.embed_texts(embeds.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1))
+    def get_text_embeddings(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pool_mask: torch.Tensor | None = None,
+    ):
+        """L2-normalised text embeddings from the momentum MoCo head, the LLM reading each text as MoCo's keys are
+        read (for retrieval): [batch, moco_embed_dim]. As in training, a text can be an instruction and its answer,
+        with `pool_mask` marking the answer (all tokens by default)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pool = None if pool_mask is None else pool_mask.bool()
+        return self.moco.embed_texts(self.encode_text(input_ids, mask, pool))
 
     @can_return_tuple
     def forward(
@@ -1213,8 +1333,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
         **kwargs,
     ) -> AstreaCausalLMOutputWithPast:
-        if labels is not None and self.config.router_mode == "sample":
-            kwargs.setdefault("router_prompt_mask", labels == -100)  # the sample router must not read the answer
+        if labels is not None and self.model.routes_on_prompt:
+            kwargs.setdefault("router_prompt_mask", labels == -100)  # the router must not read the answer
         outputs = self.model(
             return_dict=True,
             input_ids=input_ids,
@@ -1238,7 +1358,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = loss_reg = loss_moco = None
+        loss = loss_reg = loss_moco = moco_chance = None
         if labels is not None:
             loss_reg = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
@@ -1248,9 +1368,11 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             aligning = self.model.alignment is not None
             has_images = outputs.image_hidden_states is not None and input_ids is not None
             if self.config.use_moco and not aligning:
-                pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states) if has_images else None
+                pairs = None
+                if has_images:
+                    pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states, attention_mask)
                 if pairs is not None:
-                    loss_moco = self.moco(*pairs)  # Eq. 5-8
+                    loss_moco, moco_chance = self.moco(*pairs)  # Eq. 5-8
                     # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers'
                     # Trainer passes it), L_reg is this micro-batch's token sum over that count, and MoCo is
                     # weighted by the same share: the micro-batches' losses then add up to the batch's loss.
@@ -1271,6 +1393,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             router_probs=outputs.router_probs,
+            moco_chance=moco_chance,
         )
 
 

@@ -47,6 +47,13 @@ def check_folder(folder: Path) -> dict:
             "prompt, so it would route on the image alone and answer differently from generate(). Serve a per-token "
             "router model (router_mode='token', the default)."
         )
+    if config.get("router_prompt"):
+        print(
+            "note: this model's router also reads the prompt (router_prompt); vLLM encodes images without their "
+            "prompt, so here it routes on the image alone, as it was trained to on a share of its images "
+            "(router_prompt_dropout). generate() routes with the prompt.",
+            file=sys.stderr,
+        )
     return config
 
 

@@ -101,8 +101,16 @@ class Reference:
         inputs = self.processor(
             images=images or None, text=texts, padding=True, padding_side="left", return_tensors="pt"
         )
+        extra = {}
+        if getattr(self.model.config, "router_prompt", False) and images:
+            # vLLM encodes each image without its prompt, so a task-aware router routes on the image alone there:
+            # the reference does the same (docs/serving.md)
+            pixels = {k: inputs.pop(k) for k in list(inputs) if "pixel" in k or k.startswith("detection_")}
+            with self.torch.no_grad():
+                features = self.model.model.get_image_features(**pixels, return_dict=True)
+            extra["mm_encoder_outputs"] = {"image": features}
         with self.torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            output = self.model.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False)
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [_until(ids, {self.processor.tokenizer.eos_token_id}) for ids in new]
 

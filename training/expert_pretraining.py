@@ -3,8 +3,10 @@ expert on the synthetic data, before the paper's recipe starts (and before its f
 
 The paper starts from pretrained SigLIP, RAM++, Grounding DINO and SAM2; the tiny recipe has only randomly
 initialised experts, whose features know nothing of shapes. Each expert here learns, through a throw-away linear
-head on its (grid-resampled) features, the shape and the colour of whatever covers each grid cell. Afterwards the
-experts are frozen again, as in the paper. Real-scale recipes leave this off (`expert_pretraining.steps: 0`).
+head on its (grid-resampled) features, the shape and the colour of whatever covers each grid cell, and (with
+`positions`, a loss weight) the cell's own row and column, which real encoders' features carry from their position
+embeddings and random tiny ones barely do. Afterwards the experts are frozen again, as in the paper. Real-scale
+recipes leave this off (`expert_pretraining.steps: 0`).
 """
 
 import numpy as np
@@ -48,9 +50,11 @@ def pretrain_experts(
     num_images: int = 2000,
     seed: int = 0,
     colour_experts=None,
+    positions: float = 0.0,
 ) -> dict[str, float]:
-    """Train every expert briefly on dense shape labels, and those in `colour_experts` (default: all) on colour
-    labels too; returns each expert's final training accuracy on shapes."""
+    """Train every expert briefly on dense shape labels, those in `colour_experts` (default: all) on colour labels
+    too, and with `positions` > 0 every expert on each cell's row and column (their loss weighted by it); returns
+    each expert's final training accuracy on shapes."""
     if steps <= 0:
         return {}
     generator = torch.Generator().manual_seed(seed)
@@ -66,7 +70,8 @@ def pretrain_experts(
         for name, expert in model.model.experts.items():
             expert.requires_grad_(True).train()
             width = model.config.expert_hidden_sizes[name]
-            head = torch.nn.Linear(width, len(SHAPES) + 1 + len(COLOURS) + 1)
+            sizes = [len(SHAPES) + 1, len(COLOURS) + 1, grid, grid]
+            head = torch.nn.Linear(width, sum(sizes))
             optimizer = torch.optim.AdamW([*expert.parameters(), *head.parameters()], lr=learning_rate)
             correct = []
             for _ in tqdm(range(steps), desc=f"pre-training the {name} expert"):
@@ -75,10 +80,15 @@ def pretrain_experts(
                     **{PIXEL_INPUT_NAMES[name]: pixels[PIXEL_INPUT_NAMES[name]][index]}, experts=(name,)
                 )[name]  # [B, P, C]
                 logits = head(features)
-                shape_logits, colour_logits = logits.split([len(SHAPES) + 1, len(COLOURS) + 1], dim=-1)
+                shape_logits, colour_logits, row_logits, column_logits = logits.split(sizes, dim=-1)
                 loss = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels[index].flatten())
                 if colour_experts is None or name in colour_experts:
                     loss = loss + F.cross_entropy(colour_logits.flatten(0, 1), colour_labels[index].flatten())
+                if positions:  # cells in row-major order: cell p is row p // grid, column p % grid
+                    cells = torch.arange(grid * grid).expand(len(index), -1)
+                    rows = F.cross_entropy(row_logits.flatten(0, 1), (cells // grid).flatten())
+                    columns = F.cross_entropy(column_logits.flatten(0, 1), (cells % grid).flatten())
+                    loss = loss + positions * (rows + columns)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -6,8 +6,9 @@
   h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
   the extension `astrea-data label` also writes);
 - `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns,
-  or (every eighth image) as two-turn conversations, a few text-only rows, and the held-out split's questions one
-  per row with their `category` (the question type, which evaluation groups by).
+  or (every eighth image) as two-turn conversations, a request for the caption of every fourth image, a few
+  text-only rows, and the held-out split's questions one per row with their `category` (the question type, which
+  evaluation groups by).
 
 `export_synthetic` returns the recipe `data.sources` entries that read them back.
 """
@@ -16,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from .data import SHAPES, run_length_decode
+from .data import CAPTION_PROMPT, SHAPES, run_length_decode
 from .sources import coco_rle
 
 #: text-only rows mixed into the training conversations (no image: the LLM keeps answering from text)
@@ -64,6 +65,17 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0)
                     turns.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + qa["question"]})
                     turns.append({"from": "gpt", "value": qa["answer"]})
                 conversations.append({"id": f"{split}-{index}-{number}", "image": name, "conversations": turns})
+            if index % 4 == 0:  # a caption request: MoCo's most specific text about an image
+                conversations.append(
+                    {
+                        "id": f"{split}-{index}-caption",
+                        "image": name,
+                        "conversations": [
+                            {"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
+                            {"from": "gpt", "value": row["caption"]},
+                        ],
+                    }
+                )
             if rng.random() < 0.05:
                 question, answer = rng.choice(TEXT_ONLY)
                 conversations.append(

@@ -117,6 +117,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             spec.num_images,
             recipe.seed,
             spec.colour_experts,
+            spec.positions,
         )
     cache = open_cache(recipe, model, processor)
     ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))
@@ -338,7 +339,7 @@ class AstreaSFTTrainer(SFTTrainer):
         counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, use_cache=False, **counted)
         mode = "train" if model.training else "eval"
-        for name in ("loss_reg", "loss_moco"):
+        for name in ("loss_reg", "loss_moco", "moco_chance"):
             value = getattr(outputs, name, None)
             if value is None:
                 continue
@@ -360,10 +361,13 @@ class HistoryCallback(TrainerCallback):
         self.measure, self.every = measure, max(1, every)
         self.loss: list[tuple[int, float]] = []
         self.heldout: list[tuple[int, float]] = []
+        self.moco: list[tuple[int, float, float]] = []  # (step, loss_moco, its chance level)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss.append((state.global_step, float(logs["loss"])))
+        if logs and "loss_moco" in logs and "moco_chance" in logs:
+            self.moco.append((state.global_step, float(logs["loss_moco"]), float(logs["moco_chance"])))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.measure is None:
@@ -452,6 +456,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         "seconds": round(time.perf_counter() - start, 1),
         "loss": history.loss,
         "heldout": history.heldout,
+        "moco": history.moco,
         "feature_cache": ws.cache.stats(),
     }
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -597,14 +602,17 @@ def apply_lora(model, args: InstructArgs, trainable: list[torch.nn.Module]):
 
 
 def instruct(ws: Workspace) -> dict:
-    """Instruction tuning (Sec. 3.2): router, adapters, MoCo head and the LLM (full or LoRA) on the questions."""
+    """Instruction tuning (Sec. 3.2): router (and its prompt part), adapters, MoCo heads and the LLM (full or LoRA) on
+    the conversations."""
     spec = ws.recipe.instruct
     model = ws.model
     torch.manual_seed(ws.recipe.seed)  # LoRA's initialisation must not depend on what ran before in this process
     model.model.alignment = None
     model.config.router_top_k = spec.router_top_k
     model.config.use_moco = spec.use_moco
-    modules = [model.model.router, model.model.adapters, model.moco.head]
+    modules = [model.model.router, model.model.adapters, model.moco.head, model.moco.text_head]
+    if model.model.prompt_router is not None:
+        modules.append(model.model.prompt_router)
     if spec.train_projectors:
         modules.append(model.model.projectors)
     set_trainable(model, modules, language_model=not spec.lora)
@@ -809,19 +817,30 @@ def plot_router(metrics: dict, path: Path) -> None:
 
 
 def plot_stages(records: list[dict], path: Path) -> None:
-    fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(9, 6), sharex=True)
+    """Training loss and held-out accuracy per stage (Fig. 3), and MoCo's loss against its chance level where a stage
+    had one."""
+    moco = [record for record in records if record.get("moco")]
+    fig, axes = _pyplot().subplots(3 if moco else 2, 1, figsize=(9, 8.5 if moco else 6), sharex=True)
+    top, bottom = axes[0], axes[1]
     offset = 0
     for record in records:
         for axis, key, style in ((top, "loss", {}), (bottom, "heldout", {"marker": "o"})):
             if record[key]:
                 steps, values = zip(*record[key], strict=True)
                 axis.plot([offset + s for s in steps], values, label=record["stage"], **style)
+        if record.get("moco"):
+            steps, losses, chances = zip(*record["moco"], strict=True)
+            axes[2].plot([offset + s for s in steps], losses, label=f"L_moco ({record['stage']})")
+            axes[2].plot([offset + s for s in steps], chances, ls="--", color="gray", label="chance (uniform)")
         offset += record["steps"]
-        top.axvline(offset, color="gray", lw=0.5)
-        bottom.axvline(offset, color="gray", lw=0.5)
+        for axis in axes:
+            axis.axvline(offset, color="gray", lw=0.5)
     top.set_ylabel("training loss")
     bottom.set_ylabel("held-out accuracy\n(stages: target tokens;\ninstruct: answers)")
-    bottom.set_xlabel("step (stages in order)")
+    if moco:
+        axes[2].set_ylabel("MoCo loss (Eq. 7)")
+        axes[2].legend(fontsize=8)
+    axes[-1].set_xlabel("step (stages in order)")
     top.set_title("Pre-alignment stages and instruction tuning (cf. paper Fig. 3)")
     top.legend(fontsize=8)
     _save(fig, path)
@@ -850,7 +869,7 @@ def run(
             plot_router(metrics, ws.output_dir / "router.png")
     if records and main_process:
         plot_stages(records, ws.output_dir / "stages.png")
-    metrics["stages"] = [{k: r[k] for k in ("stage", "steps", "seconds", "heldout")} for r in records]
+    metrics["stages"] = [{k: r.get(k) for k in ("stage", "steps", "seconds", "heldout", "moco")} for r in records]
     metrics["feature_cache"] = ws.cache.stats()
     metrics["minutes"] = round((time.perf_counter() - start) / 60, 2)
     if main_process:
@@ -864,6 +883,14 @@ def accuracy_table(metrics: dict) -> str:
         chance = metrics["chance"].get(kind)
         chance = "–" if chance is None else f"{chance:.1%}"
         lines.append(f"| {kind} | {value:.1%} | {chance} | {metrics['count'][kind]} |")
+    for stage in metrics.get("stages", []):
+        if stage.get("moco"):  # MoCo's loss over the stage's first and last tenth of logging steps, and chance
+            curve = stage["moco"]
+            tenth = max(1, len(curve) // 10)
+            first, last = (sum(row[1] for row in part) / len(part) for part in (curve[:tenth], curve[-tenth:]))
+            chance = sum(row[2] for row in curve[-tenth:]) / tenth
+            name = stage["stage"]
+            lines.append(f"\n{name}: L_moco {first:.2f} at the start, {last:.2f} at the end (chance {chance:.2f})")
     return "\n".join(lines)
 
 

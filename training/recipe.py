@@ -111,6 +111,9 @@ class ExpertPretrainArgs:
     num_images: int = 2000
     # experts that also learn colour; the others learn shapes only (detectors and segmenters see objects, not paint)
     colour_experts: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))
+    # weight of each cell's row and column as extra targets for every expert (real encoders' features carry
+    # position); 1.0 in the tiny recipe cost the detector and the segmenter most of their shape accuracy
+    positions: float = 0.0
 
 
 @dataclass

@@ -180,8 +180,9 @@ class EmbeddingStub:
     def get_image_embeddings(self, index):
         return torch.nn.functional.one_hot(index, 8).float()
 
-    def get_text_embeddings(self, input_ids, attention_mask):
-        return torch.nn.functional.one_hot(input_ids[:, 0] % 8, 8).float()
+    def get_text_embeddings(self, input_ids, attention_mask, pool_mask):
+        first = (pool_mask & attention_mask.bool()).int().argmax(dim=1)  # the answer's first token
+        return torch.nn.functional.one_hot(input_ids.gather(1, first[:, None])[:, 0] % 8, 8).float()
 
 
 class IndexInputs:
@@ -190,15 +191,21 @@ class IndexInputs:
 
 
 def test_retrieval_similarity_is_images_by_distinct_texts_with_shared_captions_owned_by_both():
-    class Tokenizer:
-        eos_token = "</s>"
+    words = {"USER:": 5, benchmark.RETRIEVAL_PROMPT: 6, "ASSISTANT:": 7, "red": 0, "blue": 1, "green": 2}
 
+    class Tokenizer:
         def __call__(self, texts, **kwargs):
-            ids = torch.tensor([[{" red</s>": 0, " blue</s>": 1, " green</s>": 2}[t]] for t in texts])
+            if isinstance(texts, str):
+                return {"input_ids": [words[w] for w in texts.split("|")]}
+            ids = torch.tensor([[words[w] for w in text.split("|")] for text in texts])
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     class Processor:
         tokenizer = Tokenizer()
+
+        def apply_chat_template(self, messages, add_generation_prompt=False):
+            text = "USER:|" + messages[0]["content"][0]["text"] + "|ASSISTANT:"
+            return text + "".join("|" + m["content"][0]["text"] for m in messages[1:])
 
     rows = [
         {"id": "0", "task": "retrieval", "answers": ["red", "blue"]},
@@ -208,7 +215,8 @@ def test_retrieval_similarity_is_images_by_distinct_texts_with_shared_captions_o
     similarity, owners = benchmark.retrieval_similarity(
         EmbeddingStub(), Processor(), rows, batch_size=2, inputs=IndexInputs(), progress=False
     )
-    assert similarity.shape == (3, 3) and owners == [[0, 1], [0], [2]]  # texts: red, blue, green
+    # texts: red, blue, green, each read as the answer to the description request (embedded from its answer)
+    assert similarity.shape == (3, 3) and owners == [[0, 1], [0], [2]]
     assert similarity[0, 0] == 1 and similarity[1, 1] == 1 and similarity[2, 2] == 1
 
 

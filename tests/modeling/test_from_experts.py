@@ -172,10 +172,10 @@ def test_each_part_inside_astrea_gives_the_outputs_it_gives_alone(assembled):
 def test_new_modules_are_initialised_and_the_detection_prompt_comes_from_its_tokenizer(assembled):
     model, processor, paths, _ = assembled
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
-    for module in (model.model.projectors, model.model.router, model.moco.head):
+    for module in (model.model.projectors, model.model.router, model.moco.head, model.moco.text_head):
         weights = torch.cat([p.flatten() for p in module.parameters()])
         assert torch.isfinite(weights).all() and 0 < weights.std() < 1
-    for online, momentum in zip(model.moco.head.parameters(), model.moco.momentum_head.parameters(), strict=True):
+    for online, momentum in zip(model.moco.text_head.parameters(), model.moco.momentum_head.parameters(), strict=True):
         assert torch.equal(online, momentum)
     bert = BertTokenizerFast.from_pretrained(paths["detection"])
     assert model.config.detection_prompt_ids == bert("object.")["input_ids"]

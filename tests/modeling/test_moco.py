@@ -21,20 +21,71 @@ def make_moco(tiny_config, **overrides) -> AstreaMoCo:
 
 
 def test_loss_matches_a_hand_computation(tiny_config):
+    """Rows: each image query against the momentum text keys of the batch and the queue; columns: each text through
+    the online text head against the batch's image queries."""
     moco = make_moco(tiny_config, moco_lambda=0.3, moco_temperature=0.5).eval()  # eval: no EMA, no enqueue
+    with torch.no_grad():
+        for p in moco.text_head.parameters():
+            p.add_(0.1)  # the online text head and its momentum copy now differ
     moco.enqueue(F.normalize(torch.randn(3, tiny_config.moco_embed_dim), dim=-1))
     visual, text = torch.randn(2, 32), torch.randn(2, 32)
     with torch.no_grad():
         q = [F.normalize(moco.head(v), dim=0) for v in visual]
         k = [F.normalize(moco.momentum_head(t), dim=0) for t in text]
+        t = [F.normalize(moco.text_head(x), dim=0) for x in text]
     bank = k + list(moco.queue[:3])
     total = 0.0
     for i in range(2):
         row = [math.exp(float(q[i] @ key) / 0.5) for key in bank]
-        column = [math.exp(float(q[j] @ k[i]) / 0.5) for j in range(2)]
+        column = [math.exp(float(q[j] @ t[i]) / 0.5) for j in range(2)]
         r_i, c_i = row[i] / sum(row), column[i] / sum(column)
         total += 0.3 * math.log(r_i) + 0.7 * math.log(c_i)
-    assert moco(visual, text).item() == pytest.approx(-total / 2, rel=1e-5)
+    loss, chance = moco(visual, text)
+    assert loss.item() == pytest.approx(-total / 2, rel=1e-5)
+    assert chance.item() == pytest.approx(0.3 * math.log(5) + 0.7 * math.log(2), rel=1e-6)  # uniform over 5 and 2
+
+
+def test_candidates_with_the_positives_text_are_not_negatives(tiny_config):
+    """Texts 7, 7, 9 in the batch and 7, 5 in the queue: sample 0's row counts its own key, key 2 and queue entry 1
+    (key 1 and queue entry 0 share its text); its column counts images 0 and 2 (image 1's text is the same)."""
+    moco = make_moco(tiny_config, moco_lambda=0.4, moco_temperature=0.5).eval()
+    moco.enqueue(F.normalize(torch.randn(2, tiny_config.moco_embed_dim), dim=-1), torch.tensor([7, 5]))
+    visual, text, ids = torch.randn(3, 32), torch.randn(3, 32), torch.tensor([7, 7, 9])
+    with torch.no_grad():
+        q = F.normalize(moco.head(visual), dim=-1)
+        k = F.normalize(moco.momentum_head(text), dim=-1)
+        t = F.normalize(moco.text_head(text), dim=-1)
+    rows = (q @ torch.cat([k, moco.queue[:2]]).T / 0.5).double()
+    columns = (q @ t.T / 0.5).double()
+    counted_rows = {0: [0, 2, 4], 1: [1, 2, 4], 2: [0, 1, 2, 3, 4]}  # candidates each row keeps
+    counted_columns = {0: [0, 2], 1: [1, 2], 2: [0, 1, 2]}  # images each text's column keeps
+    total, chance = 0.0, 0.0
+    for i in range(3):
+        log_r = rows[i, i] - rows[i, counted_rows[i]].logsumexp(0)
+        log_c = columns[i, i] - columns[counted_columns[i], i].logsumexp(0)
+        total += 0.4 * float(log_r) + 0.6 * float(log_c)
+        chance += 0.4 * math.log(len(counted_rows[i])) + 0.6 * math.log(len(counted_columns[i]))
+    loss, chance_level = moco(visual, text, ids)
+    assert loss.item() == pytest.approx(-total / 3, rel=1e-5)
+    assert chance_level.item() == pytest.approx(chance / 3, rel=1e-6)
+
+
+def test_both_heads_learn_and_the_key_head_follows_the_text_head(tiny_config):
+    moco = make_moco(tiny_config, moco_momentum=0.5).train()
+    loss, _ = moco(torch.randn(4, 32), torch.randn(4, 32))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moco.head.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moco.text_head.parameters())
+    assert all(p.grad is None for p in moco.momentum_head.parameters())
+
+
+def test_the_queue_keeps_each_keys_text_id(tiny_config):
+    moco = make_moco(tiny_config, moco_queue_size=3).train()
+    moco(torch.randn(2, 32), torch.randn(2, 32), torch.tensor([11, 12]))
+    moco(torch.randn(2, 32), torch.randn(2, 32), torch.tensor([13, 14]))
+    assert moco.queue_text_ids.tolist() == [14, 12, 13]  # ring order: the 4th key overwrote the 1st
+    moco(torch.randn(1, 32), torch.randn(1, 32))  # no ids: a fresh negative id, equal to no text's
+    assert int(moco.queue_text_ids[1]) < 0
 
 
 def test_queue_keeps_the_newest_keys_in_ring_order(tiny_config):
@@ -56,9 +107,9 @@ def test_queue_only_uses_filled_slots(tiny_config):
 def test_training_step_updates_momentum_head_by_ema_and_enqueues(tiny_config):
     moco = make_moco(tiny_config, moco_momentum=0.9).train()
     with torch.no_grad():
-        for p in moco.head.parameters():
-            p.add_(1.0)  # online and momentum heads now differ
-    online = [p.clone() for p in moco.head.parameters()]
+        for p in moco.text_head.parameters():
+            p.add_(1.0)  # online and momentum text heads now differ
+    online = [p.clone() for p in moco.text_head.parameters()]
     before = [p.clone() for p in moco.momentum_head.parameters()]
     moco(torch.randn(4, 32), torch.randn(4, 32))
     for after, old, new in zip(moco.momentum_head.parameters(), before, online, strict=True):
@@ -82,18 +133,22 @@ def test_keys_are_gathered_across_processes(tiny_config):
             moco.enqueue(torch.ones(2, tiny_config.moco_embed_dim))
         finally:
             torch.distributed.all_gather = original
-        assert calls == [torch.Size([1]), torch.Size([2, tiny_config.moco_embed_dim])]  # the counts, then keys
+        # the counts, then the keys and their text ids
+        assert calls == [torch.Size([1]), torch.Size([2, tiny_config.moco_embed_dim]), torch.Size([2])]
         assert int(moco.queue_len) == 2
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_loss_in_forward_is_reg_plus_mu_moco(tiny_model, tiny_config):
+def test_loss_in_forward_is_reg_plus_mu_moco(tiny_config):
     ids = torch.tensor([prompt_ids(tiny_config, [40, 41, 42, 43]), prompt_ids(tiny_config, [50, 51, 52, 53])])
     labels = ids.masked_fill(ids == tiny_config.image_token_id, -100)
-    out = tiny_model.train()(input_ids=ids, labels=labels, **random_pixels(tiny_config, 2))
+    out = AstreaForConditionalGeneration(tiny_config).train()(
+        input_ids=ids, labels=labels, **random_pixels(tiny_config, 2)
+    )
     assert out.loss_moco is not None and out.loss_reg is not None
     torch.testing.assert_close(out.loss, out.loss_reg + tiny_config.moco_weight * out.loss_moco)
+    assert out.moco_chance.item() == pytest.approx(math.log(2))  # empty queue, two texts: 2 candidates each way
     no_moco = AstreaConfig.from_dict({**tiny_config.to_dict(), "use_moco": False})
     out = AstreaForConditionalGeneration(no_moco)(input_ids=ids, labels=labels, **random_pixels(tiny_config, 2))
     assert out.loss_moco is None
@@ -134,3 +189,37 @@ def test_with_num_items_in_batch_the_loss_is_this_micro_batchs_share(tiny_config
     torch.testing.assert_close(counted.loss_moco, plain.loss_moco)
     expected = counted.loss_reg + tiny_config.moco_weight * (here / 32) * counted.loss_moco
     torch.testing.assert_close(counted.loss, expected)
+
+
+def test_the_text_side_is_the_llm_reading_the_text_without_the_images(tiny_config):
+    """MoCo's text for a sample is the LLM's last hidden states over its text alone (image placeholders and padding
+    taken out), pooled over the answer tokens; equal texts get equal ids whatever the image and padding."""
+    from modeling_astrea.modeling_astrea import text_hash
+
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(tiny_config).eval()
+    first = prompt_ids(tiny_config, [40, 41, 42, 43])
+    second = [0, 0] + prompt_ids(tiny_config, [40, 41, 42, 43])  # the same text, padded on the left
+    ids = torch.tensor([first + [0, 0], second])
+    attention = torch.tensor([[1] * len(first) + [0, 0], [0, 0] + [1] * len(first)])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(first) - 2 : len(first)] = ids[0, len(first) - 2 : len(first)]  # answer: the last 2 tokens (42, 43)
+    labels[1, -2:] = ids[1, -2:]
+    features = torch.randn(2, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
+    visual, text, text_ids = model._moco_pairs(ids, labels, features, attention)
+    alone = torch.tensor([[t for t in first if t != tiny_config.image_token_id]])
+    with torch.no_grad():
+        hidden = model.model.language_model(input_ids=alone).last_hidden_state[0]
+    torch.testing.assert_close(text[0], hidden[-2:].mean(dim=0))
+    torch.testing.assert_close(text[1], text[0])
+    assert text_ids[0] == text_ids[1] == text_hash(alone[0].tolist())
+    torch.testing.assert_close(visual, features.mean(dim=1))
+    other = torch.tensor([prompt_ids(tiny_config, [40, 41, 42, 44])])
+    _, _, other_id = model._moco_pairs(
+        other, other.masked_fill(other == tiny_config.image_token_id, -100), features[:1]
+    )
+    assert other_id[0] != text_ids[0]
+    # retrieval reads a text as the keys are read: the momentum head on the LLM's pooled hidden states
+    torch.testing.assert_close(
+        model.get_text_embeddings(alone), model.moco.embed_texts(hidden.mean(dim=0, keepdim=True))
+    )

@@ -36,9 +36,12 @@ def test_save_and_load_give_identical_logits(tiny_model, tiny_config, tmp_path):
         "AutoModelForImageTextToText": "modeling_astrea.AstreaForConditionalGeneration",
     }
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    saved, restored = tiny_model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)  # every weight and buffer, bit for bit
     batch = inputs(tiny_config)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, tiny_model(**batch).logits, rtol=0, atol=0)
+    with torch.no_grad():  # equal weights, but the CPU kernels may sum in another order (seen: 2e-7 on AMD EPYC)
+        torch.testing.assert_close(loaded(**batch).logits, tiny_model(**batch).logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(loaded.moco.queue, tiny_model.moco.queue)
     assert not any(p.requires_grad for p in loaded.model.experts.parameters())
 
@@ -66,7 +69,7 @@ def test_remote_code_loads_without_the_package(tiny_model, tiny_config, tmp_path
         batch = torch.load({str(tmp_path / "batch.pt")!r})
         with torch.no_grad():
             logits = model(**batch).logits
-        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=0)
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=1e-5)
         out = model.generate(**batch, max_new_tokens=3, do_sample=False)
         print("REMOTE-OK", type(model).__name__, tuple(out.shape))
     """)

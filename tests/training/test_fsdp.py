@@ -74,10 +74,10 @@ def test_fsdp2_with_frozen_experts_shards_by_no_split_modules_and_matches_one_pr
     for name, tensor in state.items():
         if name not in momentum:
             torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-4, msg=name)
-    # MoCo's momentum update on the shards (Eq. 8, from a zeroed momentum head): (1 - m) x the online head
+    # MoCo's momentum update on the shards (Eq. 8, from a zeroed momentum head): (1 - m) x the online text head
     m = model.config.moco_momentum
     for name in momentum:
-        expected = (1 - m) * state[name.replace("momentum_head", "head")]
+        expected = (1 - m) * state[name.replace("momentum_head", "text_head")]
         torch.testing.assert_close(weights[name], expected, rtol=1e-6, atol=1e-7, msg=name)
     changed = {name for name in names if not torch.equal(weights[name], initial[name])} - momentum
     assert changed == set(grads)  # every trained parameter moved; the frozen experts did not change a bit

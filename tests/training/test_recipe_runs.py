@@ -118,12 +118,16 @@ def test_prealign_unfreezes_only_each_stages_projector_and_residual(
     assert ws.model.model.alignment is None  # back to the routed fusion after the last stage
 
 
-def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path, feature_cache_dir):
-    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
+@pytest.mark.parametrize("router_prompt", [False, True])
+def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path, feature_cache_dir, router_prompt):
+    model = {"config": str(TINY), "overrides": {"router_prompt": router_prompt, "router_prompt_dropout": 0.0}}
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, model=model))
     before = snapshot(ws.model)
     pipeline.instruct(ws)
     moved = changed(before, ws.model)
-    for prefix in ("model.router.", "model.adapters.", "moco.head.", "model.language_model.", "lm_head."):
+    prefixes = ["model.router.", "model.adapters.", "moco.head.", "moco.text_head.", "model.language_model."]
+    prefixes.append("lm_head.")
+    for prefix in prefixes + ["model.prompt_router."] * router_prompt:
         assert any(n.startswith(prefix) for n in moved), prefix
     assert not any(n.startswith(("model.experts.", "model.projectors.")) for n in moved)
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys
@@ -276,7 +280,9 @@ def one_optimizer_step(ws, examples, batch_size: int, accumulation: int, use_moc
     model = AstreaForConditionalGeneration(ws.model.config).train()
     model.load_state_dict(ws.model.state_dict())
     model.config.use_moco = use_moco
-    pipeline.set_trainable(model, [model.model.router, model.model.adapters, model.moco.head], language_model=True)
+    pipeline.set_trainable(
+        model, [model.model.router, model.model.adapters, model.moco.head, model.moco.text_head], language_model=True
+    )
     args = ws.recipe.instruct
     settings = pipeline.sft_config(args, 1, ws.output_dir / f"ga-{accumulation}", ws.recipe.seed)
     settings = dataclasses.replace(
@@ -324,10 +330,10 @@ def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
     ws.model.moco.reset_momentum_head()
     with torch.no_grad():
-        for p in ws.model.moco.head.parameters():
-            p.add_(0.5)  # online and momentum heads differ from the start
+        for p in ws.model.moco.text_head.parameters():
+            p.add_(0.5)  # online and momentum text heads differ from the start
     momentum_before = [p.detach().clone() for p in ws.model.moco.momentum_head.parameters()]
-    online_before = [p.detach().clone() for p in ws.model.moco.head.parameters()]
+    online_before = [p.detach().clone() for p in ws.model.moco.text_head.parameters()]
     examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions"])[:8]
     after, trainer = one_optimizer_step(ws, examples, batch_size=2, accumulation=4, use_moco=True)
     m = ws.model.config.moco_momentum
@@ -336,7 +342,7 @@ def test_the_momentum_head_moves_once_per_optimizer_step(tmp_path, feature_cache
     momentum_after = list(model.moco.momentum_head.parameters())
     for momentum, old, online in zip(momentum_after, momentum_before, online_before, strict=True):
         torch.testing.assert_close(momentum, m * old + (1 - m) * online)
-    assert any("moco.head" in n and not torch.equal(after[n], p) for n, p in ws.model.named_parameters())
+    assert any("moco.text_head" in n and not torch.equal(after[n], p) for n, p in ws.model.named_parameters())
 
 
 def test_the_logged_loss_parts_are_means_under_gradient_accumulation(tmp_path, feature_cache_dir):

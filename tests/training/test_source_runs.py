@@ -9,7 +9,7 @@ from astrea_testing import REPO, TINY
 
 from astrea.training import pipeline
 from astrea.training.collator import annotation_target, stage_target
-from astrea.training.data import build_dataset
+from astrea.training.data import CAPTION_PROMPT, build_dataset
 from astrea.training.export import export_synthetic
 from astrea.training.recipe import Recipe
 from astrea.training.sources import BadRows, SourceArgs, read_source
@@ -47,7 +47,10 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
     turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in train]
     assert max(turns) > 1 and min(turns) == 1
     questions = sum(len(row["questions"]) for row in dataset["train"])
-    assert sum(turns[i] for i, r in enumerate(train) if r["images"]) == questions  # every question, once
+    captions = [r for r in train if CAPTION_PROMPT in str(r["messages"][0]["content"])]
+    assert [r["messages"][-1]["content"] for r in captions] == [row["caption"] for row in dataset["train"]][::4]
+    asked = sum(turns[i] for i, r in enumerate(train) if r["images"] and r not in captions)
+    assert asked == questions  # every question, once
     test = read_source(SourceArgs(**sources[5]), bad)
     assert {r["type"] for r in test} <= {"colour", "shape", "count", "presence", "position", "largest"}
 
