@@ -155,3 +155,15 @@ def test_accelerate_configs_load(path):
 
 def test_the_shipped_set_covers_zero2_zero3_fsdp_and_multi_node():
     assert {p.stem for p in ACCELERATE} >= {"deepspeed_zero2", "deepspeed_zero3", "fsdp", "multi_gpu", "multi_node"}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "training" / "recipes").glob("*.yaml") if "pretrained" not in p.read_text())
+)
+def test_every_shipped_recipe_built_from_a_config_gives_a_valid_model(path):
+    """Their model overrides combine into a valid config (router_mode: sample refuses router_prompt, for one)."""
+    from astrea.training.pipeline import build_model
+    from astrea.training.recipe import Recipe
+
+    model, processor = build_model(Recipe.from_yaml(str(path)))
+    assert processor.num_image_tokens == model.config.num_image_tokens
