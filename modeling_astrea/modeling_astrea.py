@@ -420,7 +420,7 @@ class AstreaResidualAttention(nn.Module):
 
 
 def text_hash(token_ids: list[int]) -> int:
-    """A text's id for MoCo's negatives: equal token sequences give equal ids, in every process (a 62-bit
+    """A text's id for MoCo's negatives: equal token sequences give equal ids, in every process (a 61-bit
     polynomial hash, non-negative)."""
     value = 0
     for token in token_ids:

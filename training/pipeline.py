@@ -658,7 +658,7 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
         batch = collator.generation_inputs(chunk)
         features = model.get_image_features(
             expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()},
-            prompt_input_ids=batch["input_ids"].to(device),  # read by the sample-level router only
+            prompt_input_ids=batch["input_ids"].to(device),  # read by a router that reads the prompt
             prompt_attention_mask=batch["attention_mask"].to(device),
             return_dict=True,
         )
@@ -725,7 +725,7 @@ class CachedInputs:
         }
         features = model.get_image_features(
             expert_features=batch.pop("expert_features"),
-            prompt_input_ids=batch["input_ids"],  # read by the sample-level router only
+            prompt_input_ids=batch["input_ids"],  # read by a router that reads the prompt
             prompt_attention_mask=batch["attention_mask"],
             return_dict=True,
         )
