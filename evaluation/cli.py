@@ -3,6 +3,7 @@
     astrea-eval synthetic --output outputs/benchmarks/synthetic      # the synthetic set's splits, as files
     astrea-eval run --model outputs/demo/model --data outputs/benchmarks/synthetic/all.jsonl \\
         --output outputs/eval/demo                                    # predictions.jsonl + summary.json
+    astrea-eval probe --model outputs/demo/model                      # does each feature tell an object's column?
     astrea-eval lmms-tasks --data outputs/benchmarks/synthetic/all.jsonl --output outputs/lmms-tasks
                                                                       # the same rows as lmms-eval tasks
 
@@ -37,6 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--seed", type=int, default=0, help="the data seed (0: the demo recipe's held-out set)")
     synthetic.add_argument("--from-dataset", help="use this datasets folder's test split instead of drawing")
+    synthetic.add_argument(
+        "--unseen-renderer",
+        action="store_true",
+        help="draw the images with renderer settings the training data never uses (training/data.py UNSEEN_STYLE)",
+    )
+    probe = commands.add_parser("probe", help="linear probes: do the model's features tell an object's column?")
+    probe.add_argument("--model", required=True, help="Astrea model folder")
+    probe.add_argument("--num-images", type=int, default=1000, help="drawn images (80%% fit the probe, 20%% score it)")
+    probe.add_argument("--seed", type=int, default=123)
     lmms = commands.add_parser("lmms-tasks", help="write a benchmark as lmms-eval tasks (for --include_path)")
     lmms.add_argument("--data", required=True, help="benchmark: a JSONL file or a datasets folder")
     lmms.add_argument("--split", default="test", help="split of a DatasetDict folder (default: test)")
@@ -83,9 +93,33 @@ def synthetic(args) -> int:
     _positive("image-size", args.image_size)
     from .synthetic import write_synthetic_benchmark
 
-    written = write_synthetic_benchmark(args.output, args.num_images, args.image_size, args.seed, args.from_dataset)
+    if args.unseen_renderer and args.from_dataset:
+        raise ValueError("--unseen-renderer draws its images; it does not go with --from-dataset.")
+    written = write_synthetic_benchmark(
+        args.output, args.num_images, args.image_size, args.seed, args.from_dataset, args.unseen_renderer
+    )
     for name, count in written.items():
         print(f"{args.output}/{name}: {count} rows")
+    return 0
+
+
+def probe(args) -> int:
+    _positive("num-images", args.num_images)
+    if args.num_images < 10:
+        raise ValueError(f"--num-images must be at least 10 (a fifth of them score the probe), got {args.num_images}.")
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model} is not a model folder (no config.json).")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
+
+    from .probe import position_probe, probe_table
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model)
+    result = position_probe(model, processor, args.num_images, args.seed)
+    print(probe_table(result))
+    print(f"({result['objects']} objects; probes fitted on 80% of the images, scored on the rest)")
     return 0
 
 
@@ -102,7 +136,8 @@ def lmms_tasks(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return {"run": run, "synthetic": synthetic, "lmms-tasks": lmms_tasks}[args.command](args)
+        commands = {"run": run, "synthetic": synthetic, "probe": probe, "lmms-tasks": lmms_tasks}
+        return commands[args.command](args)
     except ValueError as error:
         print(f"astrea-eval: {error}", file=sys.stderr)
         return 2

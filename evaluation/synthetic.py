@@ -11,6 +11,7 @@ One folder, images in `images/`, one JSONL file per split and `all.jsonl` with e
 
     astrea-eval synthetic --output outputs/benchmarks/synthetic            # held-out images of the demo's data
     astrea-eval synthetic --from-dataset DATA --output DIR                 # a data.path folder's test split
+    astrea-eval synthetic --unseen-renderer --output DIR                   # drawn in settings training never uses
 """
 
 import json
@@ -109,9 +110,11 @@ def write_synthetic_benchmark(
     image_size: int = 64,
     seed: int = 0,
     from_dataset: str | Path | None = None,
+    unseen_renderer: bool = False,
 ) -> dict[str, int]:
     """Write the benchmark folder; returns {file name: rows}. Without `from_dataset` the images are the held-out
-    split of `build_dataset(seed=seed)` (the demo recipe's held-out images for seed 0)."""
+    split of `build_dataset(seed=seed)` (the demo recipe's held-out images for seed 0), or with `unseen_renderer`
+    its `unseen` split (drawn with renderer settings that training never uses; the demo's for seed 0)."""
     if from_dataset is not None:
         from datasets import load_from_disk
 
@@ -129,7 +132,10 @@ def write_synthetic_benchmark(
     else:
         if num_images < 1:
             raise ValueError(f"--num-images must be at least 1, got {num_images}.")
-        test = build_dataset(num_train=0, num_test=num_images, image_size=image_size, seed=seed)["test"]
+        if unseen_renderer:
+            test = build_dataset(0, 0, image_size, seed, num_unseen=num_images)["unseen"]
+        else:
+            test = build_dataset(num_train=0, num_test=num_images, image_size=image_size, seed=seed)["test"]
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     names = []

@@ -193,6 +193,8 @@ class AstreaConfig(PreTrainedConfig):
         `get_image_features` on pixels alone) the bias is zero. Token mode only.
     router_prompt_dropout (`float`): in training, the share of images routed without their prompt, so that the
         prompt-free routing (what vLLM serves) is trained too.
+    image_position_embedding (`bool`): add a learned, zero-initialised row and column embedding to every visual token
+        (an option of ours; docs/design.md), for experts whose features say little about where a token is.
     adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
     projector_hidden_act (`str`): activation of the expert projectors (Linear-act-Linear FFNs).
     detection_feature_level (`int`): which level of Grounding DINO's multi-scale encoder memory is the grid.
@@ -236,6 +238,7 @@ class AstreaConfig(PreTrainedConfig):
     router_mode: str = "token"
     router_prompt: bool = False
     router_prompt_dropout: float = 0.1
+    image_position_embedding: bool = False
     adapter_hidden_size: int = 1024
     projector_hidden_act: str = "gelu"
     detection_feature_level: int = 1

@@ -374,6 +374,23 @@ class AstreaAdapter(nn.Module):
         return features + self.up(self.act(self.down(features)))
 
 
+class AstreaGridPosition(nn.Module):
+    """A learned 2-D position for the visual tokens (`config.image_position_embedding`): a row vector plus a column
+    vector added to each token of the `grid` x `grid` raster, both zero at the start (so the model starts without
+    it). The LLM sees the tokens in raster order only, and its 1-D positions do not say which column a token is in;
+    pretrained experts carry position in their features, tiny ones trained on colours and shapes lose most of it."""
+
+    def __init__(self, grid: int, hidden_size: int):
+        super().__init__()
+        self.grid = grid
+        self.row = nn.Parameter(torch.zeros(grid, hidden_size))
+        self.column = nn.Parameter(torch.zeros(grid, hidden_size))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [N, grid**2, D], raster order
+        position = (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)  # [grid**2, D]
+        return tokens + position.to(tokens.dtype)
+
+
 def top_k_router_probs(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Eq. 9: keep the k largest logits per token, mask the rest to -inf, softmax (in float32)."""
     logits = router_logits.float()
@@ -624,6 +641,9 @@ class AstreaPreTrainedModel(PreTrainedModel):
         if getattr(module, "zero_init", False):
             module.weight.zero_()
             module.bias.zero_()
+        elif isinstance(module, AstreaGridPosition):
+            module.row.zero_()
+            module.column.zero_()
         elif isinstance(module, AstreaMoCo):
             module.reset_momentum_head()
             module.queue.zero_()
@@ -668,6 +688,10 @@ class AstreaModel(AstreaPreTrainedModel):
         self.adapters = nn.ModuleDict(
             {name: AstreaAdapter(hidden, config.adapter_hidden_size) for name in EXPERT_NAMES}
         )
+        # each visual token's row and column, added to the tokens the LLM reads (config.image_position_embedding)
+        self.image_position = None
+        if config.image_position_embedding:
+            self.image_position = AstreaGridPosition(config.image_grid_size, hidden)
         self.residual_attention = nn.ModuleDict(
             {
                 name: AstreaResidualAttention(hidden, config.residual_gamma, config.residual_prob)
@@ -947,10 +971,13 @@ class AstreaModel(AstreaPreTrainedModel):
                         prompt = prompt * keep.to(prompt.dtype)
                 output = self.fuse_expert_features(expert_features, prompt)
             per_expert = tuple(expert_features[name] for name in EXPERT_NAMES if name in needed)
+        tokens = output.pooler_output
+        if self.image_position is not None:
+            tokens = self.image_position(tokens)
         # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
         return AstreaImageFeatures(
             last_hidden_state=torch.cat([t.to(per_expert[0].device) for t in per_expert], dim=-1),  # device_map
-            pooler_output=output.pooler_output,
+            pooler_output=tokens,
             hidden_states=per_expert if output_hidden_states else None,
             router_probs=output.router_probs,
         )

@@ -1,13 +1,16 @@
 """The synthetic shapes data set: images the project draws itself, with every label the recipe needs.
 
 Each image holds 1-3 shapes of several kinds, colours, sizes and positions on a varied background (flat, gradient,
-or noise), and comes with a caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and
-question/answer pairs of six types: colour, shape, count, presence, position, largest. `build_dataset` returns a
-`datasets.DatasetDict` with `train` and `test` (held-out) splits; the same seed always gives the same data.
+noise or stripes; fills, sizes, outlines and the canvas it is drawn on vary too: `RenderStyle`), and comes with a
+caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and question/answer pairs of six
+types: colour, shape, count, presence, position, largest. `build_dataset` returns a
+`datasets.DatasetDict` with `train` and `test` (held-out) splits, and optionally an `unseen` split drawn with renderer
+settings the others never use; the same seed always gives the same data.
 """
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
@@ -42,18 +45,70 @@ FEATURES = Features(
 )
 
 
-def _background(rng: random.Random, size: int) -> PILImage.Image:
-    kind = rng.choice(("flat", "gradient", "noise"))
-    base = np.array([rng.randint(150, 250) for _ in range(3)], dtype=np.float32)
+@dataclass(frozen=True)
+class RenderStyle:
+    """How the renderer draws: the ranges each image's settings are drawn from. The defaults (`BROAD_STYLE`) vary
+    what a model could learn instead of shapes and colours (the renderer's habits); `CLASSIC_STYLE` is the narrow
+    renderer the demo trains on; `UNSEEN_STYLE` draws with settings outside the ranges of both, for a held-out split
+    that measures how much a model learnt the renderer."""
+
+    backgrounds: tuple[str, ...] = ("flat", "gradient", "noise", "stripes")  # textures to pick from
+    brightness: tuple[int, int] = (110, 250)  # background channel values
+    outline: float = 0.3  # share of shapes drawn with an outline
+    outline_colour: tuple[int, int, int] = (25, 25, 25)
+    outline_width: tuple[int, int] = (1, 2)  # in canvas pixels
+    colour_jitter: int = 25  # each object's fill: its colour's RGB plus up to this much per channel
+    size_jitter: float = 0.12  # each object's side: its size class's times 1 +- this (the classes never overlap)
+    canvas: tuple[float, float] = (0.75, 1.5)  # drawn on a canvas this many times the image side, then resampled
+
+
+BROAD_STYLE = RenderStyle()
+#: the renderer before `RenderStyle`: light flat, gradient or noise backgrounds, exact colours and sizes, no outlines
+CLASSIC_STYLE = RenderStyle(
+    backgrounds=("flat", "gradient", "noise"),
+    brightness=(150, 250),
+    outline=0.0,
+    colour_jitter=0,
+    size_jitter=0.0,
+    canvas=(1.0, 1.0),
+)
+#: the styles a recipe's `data.style` names
+STYLES = {"broad": BROAD_STYLE, "classic": CLASSIC_STYLE}
+UNSEEN_STYLE = RenderStyle(
+    backgrounds=("checker",),  # a texture training never draws
+    brightness=(55, 100),  # darker than any training background
+    outline=1.0,
+    outline_colour=(245, 245, 245),  # white outlines; training's are dark
+    outline_width=(1, 2),
+    colour_jitter=25,
+    size_jitter=0.12,
+    canvas=(2.0, 2.5),  # smoother edges than any training canvas gives
+)
+
+
+def _background(rng: random.Random, size: int, style: RenderStyle) -> PILImage.Image:
+    kind = rng.choice(style.backgrounds)
+    low, high = style.brightness
+    base = np.array([rng.randint(low, high) for _ in range(3)], dtype=np.float32)
     if kind == "flat":
         array = np.broadcast_to(base, (size, size, 3))
     elif kind == "gradient":
-        other = np.array([rng.randint(150, 250) for _ in range(3)], dtype=np.float32)
+        other = np.array([rng.randint(low, high) for _ in range(3)], dtype=np.float32)
         t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
         array = np.broadcast_to(base * (1 - t) + other * t, (size, size, 3))
-    else:
+    elif kind == "noise":
         noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
         array = base + noise
+    elif kind in ("stripes", "checker"):
+        period = max(2, round(size * rng.uniform(0.06, 0.14)))
+        ys, xs = np.mgrid[0:size, 0:size]
+        if kind == "checker":
+            dark = (ys // period + xs // period) % 2
+        else:
+            dark = ((xs if rng.random() < 0.5 else ys) // period) % 2
+        array = base * (1 - 0.15 * dark[..., None])
+    else:
+        raise ValueError(f"unknown background {kind!r}")
     return PILImage.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
@@ -83,13 +138,14 @@ def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box, fill, outline=None, width: int = 0) -> None:
+    lines = {"outline": outline, "width": width} if outline is not None else {}
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(box, fill=fill, **lines)
     elif shape == "square":
-        draw.rectangle(box, fill=fill)
+        draw.rectangle(box, fill=fill, **lines)
     else:
-        draw.polygon(_polygon(shape, box), fill=fill)
+        draw.polygon(_polygon(shape, box), fill=fill, **lines)
 
 
 def run_length_encode(mask: np.ndarray) -> list[int]:
@@ -114,12 +170,14 @@ def _overlaps(box, boxes, margin: float) -> bool:
     )
 
 
-def _place(rng: random.Random, count: int, size: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+def _place(
+    rng: random.Random, count: int, size: int, size_jitter: float = 0.0
+) -> list[tuple[str, tuple[float, float, float, float]]]:
     """Sizes and non-overlapping boxes (in pixels) for `count` objects of distinct sizes."""
     for _ in range(100):
         placed = []
         for size_name in rng.sample(list(SIZES), count):
-            side = SIZES[size_name] * size
+            side = SIZES[size_name] * size * (1 + rng.uniform(-size_jitter, size_jitter))
             for _ in range(50):
                 x0, y0 = rng.uniform(1, size - side - 1), rng.uniform(1, size - side - 1)
                 box = (x0, y0, x0 + side, y0 + side)
@@ -137,7 +195,9 @@ def _describe(obj) -> str:
 
 def _questions(rng: random.Random, objects: list[dict], every_object: bool = False) -> list[dict]:
     """Questions about one image. Colour and shape questions ask about one random object, or about every object
-    (`every_object`) that its shape (colour) names unambiguously; the random draws are the same either way."""
+    (`every_object`) that its shape (colour) names unambiguously, and `every_object` asks the position question
+    both ways round (the same pair, so only where the objects are can tell the answers apart); the random draws are
+    the same either way."""
     questions = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
@@ -169,27 +229,39 @@ def _questions(rng: random.Random, objects: list[dict], every_object: bool = Fal
     if len(objects) >= 2:
         a, b = rng.sample(objects, 2)
         if len({_describe(o) for o in objects}) == len(objects) and abs(a["center"][0] - b["center"][0]) > 0.1:
-            side = "left" if a["center"][0] < b["center"][0] else "right"
-            questions.append(
-                {
-                    "type": "position",
-                    "question": f"Is the {_describe(a)} left or right of the {_describe(b)}?",
-                    "answer": side,
-                }
-            )
+            for first, second in [(a, b), (b, a)] if every_object else [(a, b)]:
+                side = "left" if first["center"][0] < second["center"][0] else "right"
+                questions.append(
+                    {
+                        "type": "position",
+                        "question": f"Is the {_describe(first)} left or right of the {_describe(second)}?",
+                        "answer": side,
+                    }
+                )
         largest = max(objects, key=lambda o: o["area"])
         questions.append({"type": "largest", "question": "Which object is the largest?", "answer": _describe(largest)})
     return questions
 
 
-def draw_example(rng: random.Random, size: int = 64, every_object: bool = False) -> dict:
-    """One image and all its labels (`every_object`: see `_questions`)."""
-    image = _background(rng, size)
+def draw_example(
+    rng: random.Random, size: int = 64, every_object: bool = False, style: RenderStyle | None = None
+) -> dict:
+    """One image and all its labels (`every_object`: see `_questions`), drawn in `style` (`CLASSIC_STYLE` by
+    default)."""
+    style = style or CLASSIC_STYLE
+    canvas = round(size * rng.uniform(*style.canvas))
+    scale = canvas / size
+    image = _background(rng, canvas, style)
     draw = ImageDraw.Draw(image)
     objects = []
-    for size_name, box in _place(rng, rng.randint(1, 3), size):
+    for size_name, box in _place(rng, rng.randint(1, 3), size, style.size_jitter):
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        _draw(draw, shape, box, COLOURS[colour])
+        jitter = style.colour_jitter
+        fill = tuple(min(255, max(0, value + rng.randint(-jitter, jitter))) for value in COLOURS[colour])
+        outline = {}
+        if rng.random() < style.outline:
+            outline = {"outline": style.outline_colour, "width": rng.randint(*style.outline_width)}
+        _draw(draw, shape, tuple(v * scale for v in box), fill, **outline)
         mask_image = PILImage.new("L", (size, size), 0)
         _draw(ImageDraw.Draw(mask_image), shape, box, 255)
         mask = np.asarray(mask_image) > 0
@@ -205,6 +277,8 @@ def draw_example(rng: random.Random, size: int = 64, every_object: bool = False)
                 "center": (float(xs.mean()) / size, float(ys.mean()) / size),
             }
         )
+    if canvas != size:
+        image = image.resize((size, size), PILImage.Resampling.BILINEAR)
     objects.sort(key=lambda o: o["center"][0])  # left to right, so captions read the way the image does
     names = [f"a {o['size']} {_describe(o)}" for o in objects]
     caption = (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]) + "."
@@ -220,21 +294,43 @@ def draw_example(rng: random.Random, size: int = 64, every_object: bool = False)
 
 
 def build_dataset(
-    num_train: int = 2000, num_test: int = 300, image_size: int = 64, seed: int = 0, every_object: bool = True
+    num_train: int = 2000,
+    num_test: int = 300,
+    image_size: int = 64,
+    seed: int = 0,
+    every_object: bool = True,
+    num_unseen: int = 0,
+    style: str = "classic",
 ) -> DatasetDict:
-    """Train and held-out test splits, drawn from independent random streams of the same seed.
+    """Train and held-out test splits drawn in the `style` of `STYLES`, from independent random streams of the same
+    seed, and with `num_unseen` an `unseen` split drawn in `UNSEEN_STYLE` (settings the other two never use).
 
     With `every_object`, training images get colour and shape questions about each of their objects (more
-    binding practice per image); the test split always asks about one random object per image."""
+    binding practice per image); the held-out splits always ask about one random object per image."""
 
-    def split(count: int, stream: int, every: bool) -> Dataset:
+    if style not in STYLES:
+        raise ValueError(f"Unknown renderer style {style!r}; the styles are {', '.join(STYLES)}.")
+
+    def split(count: int, stream: int, every: bool, drawn_in: RenderStyle = STYLES[style]) -> Dataset:
         rng = random.Random(seed * 1000003 + stream)
-        rows = [draw_example(rng, image_size, every) for _ in range(count)]
+        rows = [draw_example(rng, image_size, every, drawn_in) for _ in range(count)]
         if not rows:  # from_list cannot tell an empty list's columns
             return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
         return Dataset.from_list(rows, features=FEATURES)
 
-    return DatasetDict({"train": split(num_train, 0, every_object), "test": split(num_test, 1, False)})
+    splits = {"train": split(num_train, 0, every_object), "test": split(num_test, 1, False)}
+    if num_unseen:
+        splits["unseen"] = split(num_unseen, 2, False, UNSEEN_STYLE)
+    return DatasetDict(splits)
+
+
+#: how the held-out questions of the unseen-renderer split are named in evaluation ("colour (unseen renderer)")
+UNSEEN_SUFFIX = " (unseen renderer)"
+
+
+def question_type(kind: str) -> str:
+    """The question type of an evaluation group: "colour" for "colour" and "colour (unseen renderer)"."""
+    return kind.removesuffix(UNSEEN_SUFFIX)
 
 
 def grounding_prompt(label: str) -> str:
@@ -286,6 +382,12 @@ __all__ = [
     "COLOURS",
     "QUESTION_TYPES",
     "SHAPES",
+    "CLASSIC_STYLE",
+    "STYLES",
+    "BROAD_STYLE",
+    "UNSEEN_STYLE",
+    "UNSEEN_SUFFIX",
+    "RenderStyle",
     "box_text",
     "build_dataset",
     "chance_levels",
@@ -293,5 +395,6 @@ __all__ = [
     "grounding_pairs",
     "grounding_prompt",
     "mask_text",
+    "question_type",
     "region_text",
 ]

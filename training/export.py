@@ -7,8 +7,8 @@
   the extension `astrea-data label` also writes);
 - `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns,
   or (every eighth image) as two-turn conversations, a request for the caption of every fourth image, a few
-  text-only rows, and the held-out split's questions one per row with their `category` (the question type, which
-  evaluation groups by).
+  text-only rows, and the held-out splits' questions one per row with their `category` (the question type, which
+  evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`).
 
 `export_synthetic` returns the recipe `data.sources` entries that read them back.
 """
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from .data import CAPTION_PROMPT, SHAPES, run_length_decode
+from .data import CAPTION_PROMPT, SHAPES, UNSEEN_SUFFIX, run_length_decode
 from .sources import coco_rle
 
 #: text-only rows mixed into the training conversations (no image: the LLM keeps answering from text)
@@ -90,7 +90,7 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0)
                     {
                         "id": f"{split}-{index}-{number}",
                         "image": name,
-                        "category": qa["type"],
+                        "category": qa["type"] + (UNSEEN_SUFFIX if split == "unseen" else ""),
                         "conversations": [
                             {"from": "human", "value": "<image>\n" + qa["question"]},
                             {"from": "gpt", "value": qa["answer"]},
@@ -111,17 +111,19 @@ def write_json(path: Path, data) -> None:
 
 
 def export_synthetic(dataset, folder: str | Path, image_size: int = 64, seed: int = 0) -> list[dict]:
-    """Write the synthetic set's splits (a DatasetDict with train and test) under `folder`; the `data.sources` of a
-    recipe that trains on them (pre-alignment from the training split's COCO files, instruction tuning from its
-    conversations, evaluation on the held-out split's)."""
+    """Write the synthetic set's splits (a DatasetDict with train, test and optionally unseen) under `folder`; the
+    `data.sources` of a recipe that trains on them (pre-alignment from the training split's COCO files, instruction
+    tuning from its conversations, evaluation on the held-out splits')."""
     folder = Path(folder)
-    for split in ("train", "test"):
+    splits = [split for split in ("train", "test", "unseen") if split in dataset]
+    for split in splits:
         export_split(dataset[split], split, folder, image_size, seed)
-    return synthetic_sources(folder)
+    return synthetic_sources(folder, unseen="unseen" in splits)
 
 
-def synthetic_sources(folder: str | Path) -> list[dict]:
-    """The `data.sources` entries of the files `export_synthetic` writes under `folder`."""
+def synthetic_sources(folder: str | Path, unseen: bool = False) -> list[dict]:
+    """The `data.sources` entries of the files `export_synthetic` writes under `folder` (`unseen`: with the
+    unseen-renderer split's questions, which evaluation reports as "<type> (unseen renderer)")."""
     folder = Path(folder)
     root = str(folder / "images")
 
@@ -135,7 +137,7 @@ def synthetic_sources(folder: str | Path) -> list[dict]:
         source("coco_instances", "coco_instances_test.json", ["eval"]),
         source("coco_captions", "coco_captions_test.json", ["eval"]),
         source("llava", "llava_test.json", ["eval"]),
-    ]
+    ] + ([source("llava", "llava_unseen.json", ["eval"])] if unseen else [])
 
 
 __all__ = ["export_synthetic", "synthetic_sources"]

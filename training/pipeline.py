@@ -32,7 +32,7 @@ from .collator import (
     prealign_examples,
     question_examples,
 )
-from .data import build_dataset, chance_levels
+from .data import build_dataset, chance_levels, question_type
 from .expert_pretraining import pretrain_experts
 from .export import export_synthetic, synthetic_sources
 from .feature_cache import FeatureCache, image_key, process_rank
@@ -100,7 +100,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             export_synthetic(dataset, files, recipe.data.image_size, recipe.seed)
         if process_rank()[1] > 1:
             torch.distributed.barrier()
-        specs = [SourceArgs(**spec) for spec in synthetic_sources(files)]
+        specs = [SourceArgs(**spec) for spec in synthetic_sources(files, unseen="unseen" in dataset)]
     records = read_sources(recipe, specs)  # before the model: a missing file or a bad row stops the run here
     if records is None:
         dataset = load_data(recipe)
@@ -142,7 +142,9 @@ def load_data(recipe: Recipe):
     """The recipe's data: a `datasets` folder with train/test splits, or the synthetic set drawn here."""
     spec = recipe.data
     if spec.path is None:
-        return build_dataset(spec.num_train, spec.num_test, spec.image_size, spec.seed, spec.every_object)
+        return build_dataset(
+            spec.num_train, spec.num_test, spec.image_size, spec.seed, spec.every_object, spec.num_unseen, spec.style
+        )
     from datasets import load_from_disk
 
     if not Path(spec.path).exists():
@@ -547,6 +549,8 @@ def prealign(ws: Workspace) -> list[dict]:
                     f"for {list(model.model.residual_attention)} only (config.residual_experts)."
                 )
             trainable.append(model.model.residual_attention[current])
+        if model.model.image_position is not None:  # the tokens' positions are learnt from the first stage on
+            trainable.append(model.model.image_position)
         set_trainable(model, trainable, spec.train_language_model)
         examples, heldout = stage_examples(ws, experts)
         name = f"{index + 1}-{'all' if spec.joint else current}"
@@ -613,6 +617,8 @@ def instruct(ws: Workspace) -> dict:
     modules = [model.model.router, model.model.adapters, model.moco.head, model.moco.text_head]
     if model.model.prompt_router is not None:
         modules.append(model.model.prompt_router)
+    if model.model.image_position is not None:
+        modules.append(model.model.image_position)
     if spec.train_projectors:
         modules.append(model.model.projectors)
     set_trainable(model, modules, language_model=not spec.lora)
@@ -767,7 +773,9 @@ def evaluate(ws: Workspace) -> dict:
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
-        "chance": {kind: round(chance[kind], 4) if kind in chance else None for kind in total},
+        "chance": {
+            kind: round(chance[question_type(kind)], 4) if question_type(kind) in chance else None for kind in total
+        },
         "count": dict(total),
         "router": {
             kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
@@ -803,7 +811,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_router(metrics: dict, path: Path) -> None:
-    kinds = list(metrics["router"])
+    kinds = [kind for kind in metrics["router"] if question_type(kind) == kind]  # not the unseen-renderer split's
     fig, ax = _pyplot().subplots(figsize=(8, 4))
     width = 0.8 / len(EXPERT_NAMES)
     for i, expert in enumerate(EXPERT_NAMES):

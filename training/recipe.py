@@ -32,6 +32,8 @@ class DataArgs:
     path: str | None = None  # a `datasets` folder (save_to_disk) in the synthetic set's format; else synthetic
     num_train: int = 2000  # synthetic training images
     num_test: int = 300  # held-out images
+    num_unseen: int = 0  # held-out images drawn with renderer settings training never uses (evaluated with data.files)
+    style: str = "classic"  # the synthetic set's renderer (training/data.py STYLES): "classic" or "broad"
     image_size: int = 64
     seed: int = 0
     every_object: bool = True  # training colour/shape questions about every object, not one per image
@@ -149,6 +151,8 @@ class Recipe:
         self.data.source_args()
         if self.data.on_bad_row not in ("error", "skip"):
             raise ValueError(f"Recipe: data.on_bad_row is {self.data.on_bad_row!r}; use error or skip.")
+        if self.data.style not in ("broad", "classic"):
+            raise ValueError(f"Recipe: data.style is {self.data.style!r}; use broad or classic (training/data.py).")
         if self.data.sources and self.data.files:
             raise ValueError("Recipe: data.files writes the synthetic set as the sources; give it or data.sources.")
         if self.data.sources and self.expert_pretraining.steps and not self.model.pretrained:

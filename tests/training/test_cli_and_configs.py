@@ -22,6 +22,7 @@ def astrea_train(*args, cwd=REPO):
 DEMO_SCALED_DOWN = [  # `make demo`'s recipe with its data and step counts cut to seconds; everything else as shipped
     "data.num_train=16",
     "data.num_test=8",
+    "data.num_unseen=4",
     "expert_pretraining.steps=2",
     "expert_pretraining.num_images=16",
     "expert_pretraining.batch_size=8",
@@ -50,6 +51,8 @@ def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
     assert "| question type | accuracy | chance | n |" in result.stdout
     for kind in ("colour", "shape", "presence", "count", "position", "largest"):
         assert f"| {kind} |" in result.stdout, kind
+    for kind in ("presence", "count"):  # asked of every image
+        assert f"| {kind} (unseen renderer) |" in result.stdout, kind  # the split drawn in UNSEEN_STYLE
     for name in ("metrics.json", "router.png", "stages.png", "model/config.json", "model/processor_config.json"):
         assert (out / name).exists(), name
     stages = [stage["stage"] for stage in json.loads((out / "metrics.json").read_text())["stages"]]
@@ -57,7 +60,8 @@ def test_the_demo_recipe_runs_end_to_end_on_the_command_line(tmp_path):
     # it trained from the files it wrote: COCO for pre-alignment, LLaVA conversations for instruction tuning
     for name in ("coco_captions_train.json", "coco_instances_train.json", "llava_train.json", "llava_test.json"):
         assert (out / "data" / name).is_file(), name
-    assert len(list((out / "data" / "images").glob("*.png"))) == 16 + 8
+    assert (out / "data" / "llava_unseen.json").is_file()
+    assert len(list((out / "data" / "images").glob("*.png"))) == 16 + 8 + 4
     assert "data sources: {'prealign': 16, 'instruct':" in result.stderr
 
     recipe = Recipe.from_yaml(str(TINY_RECIPE), DEMO_SCALED_DOWN)

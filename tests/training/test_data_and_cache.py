@@ -10,7 +10,15 @@ from PIL import Image
 
 from astrea.processing import AstreaImageProcessor
 from astrea.training.collator import stage_target
-from astrea.training.data import QUESTION_TYPES, build_dataset, run_length_decode, run_length_encode
+from astrea.training.data import (
+    COLOURS,
+    QUESTION_TYPES,
+    STYLES,
+    UNSEEN_STYLE,
+    build_dataset,
+    run_length_decode,
+    run_length_encode,
+)
 from astrea.training.feature_cache import FeatureCache, expert_fingerprint, image_key
 from astrea.training.recipe import Recipe, deep_merge
 
@@ -33,7 +41,91 @@ def test_dataset_rows_are_consistent(data):
             colour, shape = label.split()
             assert colour in row["tags"] and shape in row["tags"]
             ys, xs = np.nonzero(run_length_decode(mask, 64))
-            assert box[0] * 64 - 1 <= xs.min() and xs.max() <= box[2] * 64 + 1  # the mask lies in its box
+            # the mask lies in its box (boxes are stored to 3 decimals: 0.064 pixels here)
+            assert box[0] * 64 - 1.1 <= xs.min() and xs.max() <= box[2] * 64 + 1.1
+
+
+def test_position_questions_are_asked_both_ways_in_training_and_agree_with_the_boxes(data):
+    """A training image asks its pair both ways round, with opposite answers; a held-out one asks once. Every answer
+    follows the two objects' mask centres."""
+    both_ways = 0
+    for split, per_image in (("train", 2), ("test", 1)):
+        for row in data[split]:
+            asked = [q for q in row["questions"] if q["type"] == "position"]
+            assert len(asked) in (0, per_image)
+            centres = {
+                label: np.nonzero(run_length_decode(runs, 64))[1].mean()
+                for label, runs in zip(row["labels"], row["masks"], strict=True)
+            }
+            for q in asked:
+                first, second = q["question"].removeprefix("Is the ").removesuffix("?").split(" left or right of the ")
+                assert q["answer"] == ("left" if centres[first] < centres[second] else "right")
+            if len(asked) == 2:
+                assert asked[0]["question"] != asked[1]["question"] and asked[0]["answer"] != asked[1]["answer"]
+                both_ways += 1
+    assert both_ways > 0
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    grown = torch.nn.functional.max_pool2d(torch.tensor(mask, dtype=torch.float32)[None], 2 * pixels + 1, 1, pixels)
+    return grown[0].numpy() > 0
+
+
+def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
+    return ~dilate(~mask, pixels)
+
+
+def object_and_background_colours(row) -> tuple[list[np.ndarray], np.ndarray]:
+    """The median RGB well inside each object's mask, and the mean RGB well away from every object."""
+    pixels = np.asarray(row["image"], dtype=np.float32)
+    masks = [run_length_decode(runs, 64) for runs in row["masks"]]
+    inner = [erode(mask, 3) for mask in masks]
+    anywhere = dilate(np.any(masks, axis=0), 3)
+    return [np.median(pixels[m], axis=0) for m in inner if m.sum() >= 4], pixels[~anywhere].mean(axis=0)
+
+
+@pytest.mark.parametrize("style", ["classic", "broad", "unseen"])
+def test_each_objects_pixels_have_its_named_colour(style):
+    """Under every renderer (the broad and the unseen one jitter fills, draw outlines, resample canvases) each
+    object's inside is still nearest to its own colour of the six."""
+    if style == "unseen":
+        rows = build_dataset(num_train=0, num_test=0, seed=5, num_unseen=60)["unseen"]
+    else:
+        rows = build_dataset(num_train=60, num_test=0, seed=5, style=style)["train"]
+    names, palette = list(COLOURS), np.array(list(COLOURS.values()), dtype=np.float32)
+    checked = 0
+    for row in rows:
+        inside, _ = object_and_background_colours(row)
+        drawn = [
+            label.split()[0]
+            for label, runs in zip(row["labels"], row["masks"], strict=True)
+            if erode(run_length_decode(runs, 64), 3).sum() >= 4
+        ]
+        for colour, name in zip(inside, drawn, strict=True):
+            assert names[int(np.abs(palette - colour).sum(-1).argmin())] == name
+            checked += 1
+    assert checked > 60
+
+
+def test_the_unseen_renderer_split_is_drawn_outside_the_training_settings():
+    """Its settings lie outside the ranges of both training renderers, and its images show it: every unseen
+    background is darker than every training one; its questions are the usual ones."""
+    for style in STYLES.values():
+        for field in ("brightness", "canvas"):
+            low, high = getattr(UNSEEN_STYLE, field)
+            train_low, train_high = getattr(style, field)
+            assert high < train_low or low > train_high, field
+        assert not set(UNSEEN_STYLE.backgrounds) & set(style.backgrounds)
+        assert style.outline == 0 or UNSEEN_STYLE.outline_colour != style.outline_colour
+    for style in STYLES:
+        data = build_dataset(num_train=40, num_test=0, seed=2, num_unseen=40, style=style)
+        brightness = {
+            split: [object_and_background_colours(row)[1].mean() for row in data[split]]
+            for split in ("train", "unseen")
+        }
+        assert max(brightness["unseen"]) < min(brightness["train"]), style
+    assert {q["type"] for row in data["unseen"] for q in row["questions"]} == set(QUESTION_TYPES)
+    assert "unseen" not in build_dataset(num_train=2, num_test=2)  # only when asked for
 
 
 def test_dataset_is_deterministic_and_splits_differ(data):
@@ -97,6 +189,9 @@ def test_recipe_rejects_unknown_keys_and_stages(tmp_path):
         Recipe.from_yaml(tmp_path / "absent.yaml")
     path.write_text("expert_pretraining:\n  colour_experts: [caption, ocr]\n")
     with pytest.raises(ValueError, match="unknown expert 'ocr' in expert_pretraining.colour_experts"):
+        Recipe.from_yaml(path)
+    path.write_text("data:\n  style: cartoon\n")
+    with pytest.raises(ValueError, match="data.style is 'cartoon'; use broad or classic"):
         Recipe.from_yaml(path)
 
 

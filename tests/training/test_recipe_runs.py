@@ -77,6 +77,8 @@ def module_prefixes(names: set[str]) -> set[str]:
             out.add("model.language_model")
         elif parts[0] == "lm_head":
             out.add("lm_head")
+        elif name.startswith("model.image_position."):
+            out.add("model.image_position")
         else:
             out.add(".".join(parts[:3]))
     return out
@@ -90,24 +92,28 @@ def module_prefixes(names: set[str]) -> set[str]:
 def test_prealign_unfreezes_only_each_stages_projector_and_residual(
     tmp_path, feature_cache_dir, order, joint, train_llm
 ):
-    """What `pipeline.prealign` itself makes trainable, stage by stage (Sec. 3.1), and that only that moves."""
+    """What `pipeline.prealign` itself makes trainable, stage by stage (Sec. 3.1), and that only that moves (the
+    visual tokens' 2-D position embedding, where the model has one, in every stage)."""
     experts = ["caption", "classification", "detection", "segmentation"]
     experts = experts[::-1] if order == "reverse" else experts
     prealign = {"order": experts, "joint": joint, "train_language_model": train_llm}
     if joint:
         prealign["stage_steps"] = [2]
-    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, prealign=prealign))
+    position = order == "reverse"
+    model = {"config": str(TINY), "overrides": {"image_position_embedding": position}}
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, prealign=prealign, model=model))
     watch = StageWatch()
     ws.callbacks.append(watch)
     pipeline.prealign(ws)
-    llm = {"model.language_model", "lm_head"} if train_llm else set()
+    every_stage = {"model.language_model", "lm_head"} if train_llm else set()
+    every_stage |= {"model.image_position"} if position else set()
     if joint:
-        expected = {"1-all": {f"model.projectors.{name}" for name in experts} | llm}
+        expected = {"1-all": {f"model.projectors.{name}" for name in experts} | every_stage}
     else:
         expected = {
             f"{index + 1}-{name}": {f"model.projectors.{name}"}
             | ({f"model.residual_attention.{name}"} if index else set())
-            | llm
+            | every_stage
             for index, name in enumerate(experts)
         }
     assert list(watch.stages) == list(expected)
@@ -118,16 +124,17 @@ def test_prealign_unfreezes_only_each_stages_projector_and_residual(
     assert ws.model.model.alignment is None  # back to the routed fusion after the last stage
 
 
-@pytest.mark.parametrize("router_prompt", [False, True])
-def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path, feature_cache_dir, router_prompt):
-    model = {"config": str(TINY), "overrides": {"router_prompt": router_prompt, "router_prompt_dropout": 0.0}}
+@pytest.mark.parametrize("options", [False, True], ids=["paper", "prompt-router-and-positions"])
+def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_path, feature_cache_dir, options):
+    overrides = {"router_prompt": options, "router_prompt_dropout": 0.0, "image_position_embedding": options}
+    model = {"config": str(TINY), "overrides": overrides}
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, model=model))
     before = snapshot(ws.model)
     pipeline.instruct(ws)
     moved = changed(before, ws.model)
     prefixes = ["model.router.", "model.adapters.", "moco.head.", "moco.text_head.", "model.language_model."]
     prefixes.append("lm_head.")
-    for prefix in prefixes + ["model.prompt_router."] * router_prompt:
+    for prefix in prefixes + ["model.prompt_router.", "model.image_position."] * options:
         assert any(n.startswith(prefix) for n in moved), prefix
     assert not any(n.startswith(("model.experts.", "model.projectors.")) for n in moved)
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys

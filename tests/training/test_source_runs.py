@@ -9,7 +9,7 @@ from astrea_testing import REPO, TINY
 
 from astrea.training import pipeline
 from astrea.training.collator import annotation_target, stage_target
-from astrea.training.data import CAPTION_PROMPT, build_dataset
+from astrea.training.data import CAPTION_PROMPT, QUESTION_TYPES, build_dataset, question_type
 from astrea.training.export import export_synthetic
 from astrea.training.recipe import Recipe
 from astrea.training.sources import BadRows, SourceArgs, read_source
@@ -53,6 +53,20 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
     assert asked == questions  # every question, once
     test = read_source(SourceArgs(**sources[5]), bad)
     assert {r["type"] for r in test} <= {"colour", "shape", "count", "presence", "position", "largest"}
+
+
+def test_the_unseen_renderer_split_is_evaluated_under_its_own_names(tmp_path):
+    """With data.num_unseen, the unseen-renderer split's questions feed evaluation as "<type> (unseen renderer)",
+    whose chance level is its type's."""
+    dataset = build_dataset(2, 2, 64, seed=3, num_unseen=3)
+    sources = export_synthetic(dataset, tmp_path)
+    assert [Path(s["path"]).name for s in sources if s["phases"] == ["eval"]][-1] == "llava_unseen.json"
+    rows = read_source(SourceArgs(**sources[-1]), BadRows())
+    assert len(rows) == sum(len(row["questions"]) for row in dataset["unseen"])
+    assert {r["type"] for r in rows} <= {f"{kind} (unseen renderer)" for kind in QUESTION_TYPES}
+    assert all(Path(r["images"][0]).name.startswith("unseen-") for r in rows)
+    assert question_type("count (unseen renderer)") == "count" == question_type("count")
+    assert len(export_synthetic(build_dataset(2, 2, 64, seed=3), tmp_path / "plain")) == len(sources) - 1
 
 
 def source_recipe(root, sources, **data) -> Recipe:

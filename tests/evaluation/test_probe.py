@@ -1,0 +1,61 @@
+"""The position probe (`astrea-eval probe`): a linear probe that finds a column where the features hold one and
+stays near chance where they do not, on each expert's features and on the visual tokens."""
+
+import pytest
+import torch
+
+from astrea.evaluation.cli import main as astrea_eval
+from astrea.evaluation.probe import column_scores, position_probe
+from modeling_astrea import AstreaForConditionalGeneration
+
+
+def test_the_probe_reads_a_column_that_is_there_and_not_one_that_is_not():
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.randint(0, 8, (2000,), generator=generator)
+    noise = torch.randn(2000, 32, generator=generator)
+    train = torch.arange(2000) < 1600
+    with_column = noise.clone()
+    with_column[:, :8] += 6 * torch.nn.functional.one_hot(columns, 8)
+    found = column_scores(with_column, columns, train, 8)
+    assert found["column"] > 0.97 and found["half"] > 0.98
+    blind = column_scores(noise, columns, train, 8)
+    assert blind["column"] < 0.2 and blind["half"] < 0.6  # chance: 0.125 and 0.5
+
+
+def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config):
+    tiny_config.image_position_embedding = True
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(tiny_config).eval()
+    with torch.no_grad():
+        model.model.image_position.column.normal_(std=50.0)  # far louder than the random experts' features
+    from astrea_testing import TINY
+    from transformers import AutoProcessor
+
+    result = position_probe(model, AutoProcessor.from_pretrained(TINY), num_images=60, batch_size=30)
+    assert set(result["features"]) == {"caption", "classification", "detection", "segmentation", "visual tokens"}
+    assert result["features"]["visual tokens"]["half"] > 0.95
+    assert result["chance"] == {"column": round(1 / tiny_config.image_grid_size, 3), "half": 0.5}
+    assert result["objects"] >= 60
+
+
+def test_astrea_eval_probe_prints_a_table_and_checks_its_arguments(tiny_folder, capsys):
+    assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "| visual tokens |" in out and "| (chance) |" in out
+    assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "5"]) == 2
+    assert "--num-images must be at least 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("unseen", [False, True])
+def test_the_synthetic_benchmark_can_be_drawn_in_the_unseen_renderer(tmp_path, unseen):
+    args = ["synthetic", "--output", str(tmp_path), "--num-images", "4"] + ["--unseen-renderer"] * unseen
+    assert astrea_eval(args) == 0
+    from astrea.training.data import build_dataset
+
+    split = "unseen" if unseen else "test"
+    expected = build_dataset(0, 0 if unseen else 4, seed=0, num_unseen=4 if unseen else 0)[split]
+    assert (tmp_path / "images" / "00000.png").read_bytes() != b""
+    from PIL import Image
+
+    drawn = Image.open(tmp_path / "images" / "00000.png").convert("RGB")
+    assert list(drawn.getdata()) == list(expected[0]["image"].convert("RGB").getdata())
