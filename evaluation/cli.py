@@ -109,6 +109,7 @@ def probe(args) -> int:
         raise ValueError(f"--num-images must be at least 10 (a fifth of them score the probe), got {args.num_images}.")
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model} is not a model folder (no config.json).")
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
@@ -116,7 +117,7 @@ def probe(args) -> int:
     from .probe import position_probe, probe_table
 
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)  # on the CPU
     result = position_probe(model, processor, args.num_images, args.seed)
     print(probe_table(result))
     print(f"({result['objects']} objects; probes fitted on 80% of the images, scored on the rest)")

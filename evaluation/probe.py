@@ -50,13 +50,15 @@ def position_probe(model, processor, num_images: int = 1000, seed: int = 123, ba
 
     model.eval()
     size = 64
+    grid = model.config.image_grid_size
+    if grid % 2:
+        raise ValueError(f"The probe splits the grid into halves; image_grid_size {grid} is odd.")
     rng = random.Random(seed)
     rows = [draw_example(rng, size) for _ in range(num_images)]
-    grid = model.config.image_grid_size
     collected: dict[str, list[torch.Tensor]] = {}
     for start in range(0, num_images, batch_size):
         images = [row["image"] for row in rows[start : start + batch_size]]
-        inputs = processor.image_processor(images, return_tensors="pt")
+        inputs = processor.image_processor(images, do_anyres=False, return_tensors="pt")  # one grid per image
         pixels = {k: v for k, v in inputs.items() if k.endswith(("pixel_values", "pixel_mask", "input_ids", "mask"))}
         experts = model.model.get_expert_features(**pixels)
         tokens = model.model.get_image_features(expert_features=experts).pooler_output

@@ -136,7 +136,7 @@ def limitations(model, recipe: dict | None, results: list[dict]) -> list[str]:
         out.append("No training record came with this model: treat its answers as untested.")
     elif not recipe["data"].get("path"):
         out.append(
-            "Trained on synthetic drawn shapes only: it has seen simple coloured shapes on plain backgrounds and "
+            "Trained on synthetic drawn shapes only: it has seen simple coloured shapes on simple backgrounds and "
             "questions about them, and nothing of natural images."
         )
     for result in results:

@@ -1,8 +1,9 @@
 """The synthetic shapes data set: images the project draws itself, with every label the recipe needs.
 
-Each image holds 1-3 shapes of several kinds, colours, sizes and positions on a varied background (flat, gradient,
-noise or stripes; fills, sizes, outlines and the canvas it is drawn on vary too: `RenderStyle`), and comes with a
-caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and question/answer pairs of six
+Each image holds 1-3 shapes of several kinds, colours, sizes and positions on a varied background, drawn in a
+`RenderStyle`: `CLASSIC_STYLE` (the default: light flat, gradient or noise backgrounds, exact colours and sizes) or
+`BROAD_STYLE` (stripes too, darker backgrounds, jittered fills and sizes, outlines, resampled canvases). Each comes
+with a caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and question/answer pairs of six
 types: colour, shape, count, presence, position, largest. `build_dataset` returns a
 `datasets.DatasetDict` with `train` and `test` (held-out) splits, and optionally an `unseen` split drawn with renderer
 settings the others never use; the same seed always gives the same data.
@@ -49,8 +50,8 @@ FEATURES = Features(
 class RenderStyle:
     """How the renderer draws: the ranges each image's settings are drawn from. The defaults (`BROAD_STYLE`) vary
     what a model could learn instead of shapes and colours (the renderer's habits); `CLASSIC_STYLE` is the narrow
-    renderer the demo trains on; `UNSEEN_STYLE` draws with settings outside the ranges of both, for a held-out split
-    that measures how much a model learnt the renderer."""
+    renderer the demo trains on; `UNSEEN_STYLE` draws its backgrounds (texture and brightness), outlines and canvas
+    outside the ranges of both, for a held-out split that measures how much a model learnt the renderer."""
 
     backgrounds: tuple[str, ...] = ("flat", "gradient", "noise", "stripes")  # textures to pick from
     brightness: tuple[int, int] = (110, 250)  # background channel values
@@ -177,7 +178,9 @@ def _place(
     for _ in range(100):
         placed = []
         for size_name in rng.sample(list(SIZES), count):
-            side = SIZES[size_name] * size * (1 + rng.uniform(-size_jitter, size_jitter))
+            side = SIZES[size_name] * size
+            if size_jitter:  # (no draw without it: the classic renderer draws what it drew before RenderStyle)
+                side *= 1 + rng.uniform(-size_jitter, size_jitter)
             for _ in range(50):
                 x0, y0 = rng.uniform(1, size - side - 1), rng.uniform(1, size - side - 1)
                 box = (x0, y0, x0 + side, y0 + side)
@@ -249,7 +252,10 @@ def draw_example(
     """One image and all its labels (`every_object`: see `_questions`), drawn in `style` (`CLASSIC_STYLE` by
     default)."""
     style = style or CLASSIC_STYLE
-    canvas = round(size * rng.uniform(*style.canvas))
+    # a setting that does not vary draws no random number, so CLASSIC_STYLE gives the images of the renderer before
+    # RenderStyle, seed for seed
+    low, high = style.canvas
+    canvas = round(size * (low if low == high else rng.uniform(low, high)))
     scale = canvas / size
     image = _background(rng, canvas, style)
     draw = ImageDraw.Draw(image)
@@ -257,9 +263,11 @@ def draw_example(
     for size_name, box in _place(rng, rng.randint(1, 3), size, style.size_jitter):
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         jitter = style.colour_jitter
-        fill = tuple(min(255, max(0, value + rng.randint(-jitter, jitter))) for value in COLOURS[colour])
+        fill = COLOURS[colour]
+        if jitter:
+            fill = tuple(min(255, max(0, value + rng.randint(-jitter, jitter))) for value in fill)
         outline = {}
-        if rng.random() < style.outline:
+        if style.outline and rng.random() < style.outline:
             outline = {"outline": style.outline_colour, "width": rng.randint(*style.outline_width)}
         _draw(draw, shape, tuple(v * scale for v in box), fill, **outline)
         mask_image = PILImage.new("L", (size, size), 0)

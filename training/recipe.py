@@ -151,8 +151,15 @@ class Recipe:
         self.data.source_args()
         if self.data.on_bad_row not in ("error", "skip"):
             raise ValueError(f"Recipe: data.on_bad_row is {self.data.on_bad_row!r}; use error or skip.")
-        if self.data.style not in ("broad", "classic"):
-            raise ValueError(f"Recipe: data.style is {self.data.style!r}; use broad or classic (training/data.py).")
+        from .data import STYLES
+
+        if self.data.style not in STYLES:
+            styles = " or ".join(STYLES)
+            raise ValueError(f"Recipe: data.style is {self.data.style!r}; use {styles} (training/data.py).")
+        if self.data.num_unseen < 0:
+            raise ValueError(f"Recipe: data.num_unseen must be 0 or more, not {self.data.num_unseen}.")
+        if self.data.num_unseen and not self.data.files:
+            raise ValueError("Recipe: data.num_unseen is evaluated from the files data.files writes; set data.files.")
         if self.data.sources and self.data.files:
             raise ValueError("Recipe: data.files writes the synthetic set as the sources; give it or data.sources.")
         if self.data.sources and self.expert_pretraining.steps and not self.model.pretrained:

@@ -45,6 +45,17 @@ def test_dataset_rows_are_consistent(data):
             assert box[0] * 64 - 1.1 <= xs.min() and xs.max() <= box[2] * 64 + 1.1
 
 
+def test_the_classic_renderer_draws_what_the_renderer_before_render_style_drew():
+    """Seed for seed (checked against the renderer of 5bde0fe): a style setting that does not vary draws no random
+    number, so earlier runs and the demo's held-out images stay comparable."""
+    captions = build_dataset(num_train=3, num_test=0, seed=0)["train"]["caption"]
+    assert captions == [
+        "A large blue cross and a medium red square.",
+        "A large orange diamond and a medium purple circle.",
+        "A large purple triangle.",
+    ]
+
+
 def test_position_questions_are_asked_both_ways_in_training_and_agree_with_the_boxes(data):
     """A training image asks its pair both ways round, with opposite answers; a held-out one asks once. Every answer
     follows the two objects' mask centres."""
@@ -192,6 +203,9 @@ def test_recipe_rejects_unknown_keys_and_stages(tmp_path):
         Recipe.from_yaml(path)
     path.write_text("data:\n  style: cartoon\n")
     with pytest.raises(ValueError, match="data.style is 'cartoon'; use broad or classic"):
+        Recipe.from_yaml(path)
+    path.write_text("data:\n  num_unseen: 10\n")
+    with pytest.raises(ValueError, match="data.num_unseen is evaluated from the files data.files writes"):
         Recipe.from_yaml(path)
 
 
