@@ -104,7 +104,6 @@ def synthetic(args) -> int:
 
 
 def probe(args) -> int:
-    _positive("num-images", args.num_images)
     if args.num_images < 10:
         raise ValueError(f"--num-images must be at least 10 (a fifth of them score the probe), got {args.num_images}.")
     if not (Path(args.model) / "config.json").is_file():

@@ -382,7 +382,6 @@ class AstreaGridPosition(nn.Module):
 
     def __init__(self, grid: int, hidden_size: int):
         super().__init__()
-        self.grid = grid
         self.row = nn.Parameter(torch.zeros(grid, hidden_size))
         self.column = nn.Parameter(torch.zeros(grid, hidden_size))
 
