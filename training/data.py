@@ -3,8 +3,9 @@
 Each image holds 1-3 shapes of several kinds, colours, sizes and positions on a varied background, drawn in a
 `RenderStyle`: `CLASSIC_STYLE` (the default: light flat, gradient or noise backgrounds, exact colours and sizes) or
 `BROAD_STYLE` (stripes too, darker backgrounds, jittered fills and sizes, outlines, resampled canvases). Each comes
-with a caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and question/answer pairs of six
-types: colour, shape, count, presence, position, largest. `build_dataset` returns a
+with a caption, tags, boxes (normalised x0, y0, x1, y1), masks (run-length encoded), and question/answer pairs of
+seven types: colour, shape, count, presence, side (which half of the image one object is in), position (whether one
+object is left or right of another), largest. `build_dataset` returns a
 `datasets.DatasetDict` with `train` and `test` (held-out) splits, and optionally an `unseen` split drawn with renderer
 settings the others never use; the same seed always gives the same data.
 """
@@ -29,7 +30,7 @@ COLOURS = {
 }
 SIZES = {"small": 0.18, "medium": 0.28, "large": 0.40}  # side as a fraction of the image
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-QUESTION_TYPES = ("colour", "shape", "count", "presence", "position", "largest")
+QUESTION_TYPES = ("colour", "shape", "count", "presence", "side", "position", "largest")
 #: Instructions beyond the questions (instruction data `tasks`, and the evaluation splits that test them)
 CAPTION_PROMPT = "Describe the image briefly."
 
@@ -197,10 +198,10 @@ def _describe(obj) -> str:
 
 
 def _questions(rng: random.Random, objects: list[dict], every_object: bool = False) -> list[dict]:
-    """Questions about one image. Colour and shape questions ask about one random object, or about every object
-    (`every_object`) that its shape (colour) names unambiguously, and `every_object` asks the position question
-    both ways round (the same pair, so only where the objects are can tell the answers apart); the random draws are
-    the same either way."""
+    """Questions about one image. Colour, shape and side questions ask about one random object, or about every object
+    (`every_object`) that its shape (colour; description) names unambiguously, and `every_object` asks the position
+    question both ways round (the same pair, so only where the objects are can tell the answers apart); the random
+    draws are the same either way (side questions draw none)."""
     questions = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
@@ -229,6 +230,18 @@ def _questions(rng: random.Random, objects: list[dict], every_object: bool = Fal
         colour, shape = rng.choice(absent)
         asked, answer = {"colour": colour, "shape": shape}, "no"
     questions.append({"type": "presence", "question": f"Is there a {_describe(asked)}?", "answer": answer})
+    # where one object lies on its own (the half of the image its centre is in): the grounding that the position
+    # question then compares across two objects; asked where the description is unambiguous and the side is clear
+    if len({_describe(o) for o in objects}) == len(objects):
+        for target in objects if every_object else [chosen]:
+            if abs(target["center"][0] - 0.5) > 0.1:
+                questions.append(
+                    {
+                        "type": "side",
+                        "question": f"Is the {_describe(target)} on the left or the right?",
+                        "answer": "left" if target["center"][0] < 0.5 else "right",
+                    }
+                )
     if len(objects) >= 2:
         a, b = rng.sample(objects, 2)
         if len({_describe(o) for o in objects}) == len(objects) and abs(a["center"][0] - b["center"][0]) > 0.1:
@@ -364,6 +377,7 @@ def chance_levels() -> dict[str, float]:
         "shape": 1 / len(SHAPES),
         "count": 1 / len(NUMBER_WORDS),
         "presence": 1 / 2,
+        "side": 1 / 2,
         "position": 1 / 2,
         "largest": 1 / 2.5,  # two or three candidates, equally often
     }

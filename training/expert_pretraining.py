@@ -51,11 +51,14 @@ def pretrain_experts(
     seed: int = 0,
     colour_experts=None,
     positions: float = 0.0,
+    expert_steps: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Train every expert briefly on dense shape labels, those in `colour_experts` (default: all) on colour labels
     too, and with `positions` > 0 every expert on each cell's row and column (their loss weighted by it); returns
-    each expert's final training accuracy on shapes."""
-    if steps <= 0:
+    each expert's final training accuracy on shapes. Each expert trains `steps` steps, or its own number in
+    `expert_steps` ({name: steps}; 0 leaves it as it is)."""
+    counts = {name: (expert_steps or {}).get(name, steps) for name in model.model.experts}
+    if not any(count > 0 for count in counts.values()):
         return {}
     generator = torch.Generator().manual_seed(seed)
     subset = dataset.select(range(min(num_images, len(dataset))))
@@ -68,13 +71,16 @@ def pretrain_experts(
     results = {}
     try:
         for name, expert in model.model.experts.items():
+            if counts[name] <= 0:
+                continue
             expert.requires_grad_(True).train()
             width = model.config.expert_hidden_sizes[name]
             sizes = [len(SHAPES) + 1, len(COLOURS) + 1, grid, grid]
             head = torch.nn.Linear(width, sum(sizes))
             optimizer = torch.optim.AdamW([*expert.parameters(), *head.parameters()], lr=learning_rate)
-            correct = []
-            for _ in tqdm(range(steps), desc=f"pre-training the {name} expert"):
+            correct, colour_correct = [], []
+            learns_colour = colour_experts is None or name in colour_experts
+            for _ in tqdm(range(counts[name]), desc=f"pre-training the {name} expert"):
                 index = torch.randint(len(images), (batch_size,), generator=generator)
                 features = model.model.get_expert_features(
                     **{PIXEL_INPUT_NAMES[name]: pixels[PIXEL_INPUT_NAMES[name]][index]}, experts=(name,)
@@ -82,7 +88,7 @@ def pretrain_experts(
                 logits = head(features)
                 shape_logits, colour_logits, row_logits, column_logits = logits.split(sizes, dim=-1)
                 loss = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels[index].flatten())
-                if colour_experts is None or name in colour_experts:
+                if learns_colour:
                     loss = loss + F.cross_entropy(colour_logits.flatten(0, 1), colour_labels[index].flatten())
                 if positions:  # cells in row-major order: cell p is row p // grid, column p % grid
                     cells = torch.arange(grid * grid).expand(len(index), -1)
@@ -93,9 +99,13 @@ def pretrain_experts(
                 loss.backward()
                 optimizer.step()
                 objects = shape_labels[index] > 0
-                correct.append(float((shape_logits.argmax(-1) == shape_labels[index])[objects].float().mean()))
+                shape_hits = shape_logits.argmax(-1) == shape_labels[index]
+                colour_hits = colour_logits.argmax(-1) == colour_labels[index]
+                correct.append(float(shape_hits[objects].float().mean()))
+                colour_correct.append(float(colour_hits[objects].float().mean()))
             results[name] = round(float(np.mean(correct[-10:])), 3)
-            logger.warning(f"{name} expert pre-trained: shape accuracy on object cells {results[name]:.0%}")
+            colour = f", colour {np.mean(colour_correct[-10:]):.0%}" if learns_colour else ""
+            logger.warning(f"{name} expert pre-trained: on object cells, shape accuracy {results[name]:.0%}{colour}")
     finally:
         model.config.freeze_experts = freeze
         model.model.train(model.model.training)  # re-freezes the experts when config.freeze_experts

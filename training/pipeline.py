@@ -105,8 +105,8 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     if records is None:
         dataset = load_data(recipe)
     model, processor = build_model(recipe)
-    if recipe.expert_pretraining.steps and not recipe.model.pretrained:
-        spec = recipe.expert_pretraining
+    spec = recipe.expert_pretraining
+    if (spec.steps or any(spec.expert_steps.values())) and not recipe.model.pretrained:
         pretrain_experts(
             model,
             processor.image_processor,
@@ -118,6 +118,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
             recipe.seed,
             spec.colour_experts,
             spec.positions,
+            spec.expert_steps,
         )
     cache = open_cache(recipe, model, processor)
     ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))

@@ -56,6 +56,28 @@ def test_the_classic_renderer_draws_what_the_renderer_before_render_style_drew()
     ]
 
 
+def test_side_questions_name_the_half_each_object_is_in(data):
+    """Training images ask the side of each object (when the descriptions are unambiguous and the side is clear),
+    held-out ones of one object; the answer is the half of the image the object's mask centre lies in."""
+    asked_per_split = {}
+    for split in ("train", "test"):
+        for row in data[split]:
+            asked = [q for q in row["questions"] if q["type"] == "side"]
+            asked_per_split.setdefault(split, []).append(len(asked))
+            if len(set(row["labels"])) < len(row["labels"]):
+                assert not asked
+            centres = {
+                label: np.nonzero(run_length_decode(runs, 64))[1].mean() / 64
+                for label, runs in zip(row["labels"], row["masks"], strict=True)
+            }
+            for q in asked:
+                label = q["question"].removeprefix("Is the ").removesuffix(" on the left or the right?")
+                assert abs(centres[label] - 0.5) > 0.09  # a clear side only
+                assert q["answer"] == ("left" if centres[label] < 0.5 else "right")
+    assert max(asked_per_split["test"]) == 1 and max(asked_per_split["train"]) > 1
+    assert sum(asked_per_split["train"]) > len(data["train"]) / 2
+
+
 def test_position_questions_are_asked_both_ways_in_training_and_agree_with_the_boxes(data):
     """A training image asks its pair both ways round, with opposite answers; a held-out one asks once. Every answer
     follows the two objects' mask centres."""

@@ -51,3 +51,40 @@ def test_positions_add_each_cells_row_and_column_as_targets(monkeypatch, positio
     ]
     assert all(changed)  # every expert trained
     assert not any(p.requires_grad for p in model.model.experts.parameters())  # and frozen again
+
+
+def test_expert_steps_give_each_expert_its_own_number_of_steps(monkeypatch):
+    model, processor = build_model(Recipe.from_dict({"model": {"config": str(TINY)}}))
+    dataset = build_dataset(4, 0, 64, seed=1)["train"]
+    calls = []
+    original = model.model.get_expert_features
+    monkeypatch.setattr(
+        model.model,
+        "get_expert_features",
+        lambda experts, **kwargs: (calls.append(experts[0]), original(experts=experts, **kwargs))[1],
+    )
+    before = {name: [p.clone() for p in e.parameters()] for name, e in model.model.experts.items()}
+    results = expert_pretraining.pretrain_experts(
+        model,
+        processor.image_processor,
+        dataset,
+        steps=2,
+        batch_size=2,
+        num_images=4,
+        expert_steps={"detection": 3, "segmentation": 0},
+    )
+    assert calls == ["caption"] * 2 + ["classification"] * 2 + ["detection"] * 3
+    assert sorted(results) == ["caption", "classification", "detection"]
+    segmenter = zip(before["segmentation"], model.model.experts["segmentation"].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in segmenter)  # 0 steps: the segmenter is left as it was
+
+
+def test_expert_steps_are_checked_in_the_recipe():
+    recipe = Recipe.from_dict({"expert_pretraining": {"expert_steps": {"detection": 300}}})
+    assert recipe.expert_pretraining.expert_steps == {"detection": 300}
+    with pytest.raises(ValueError, match="unknown expert 'ocr' in expert_pretraining.expert_steps"):
+        Recipe.from_dict({"expert_pretraining": {"expert_steps": {"ocr": 3}}})
+    with pytest.raises(ValueError, match="expert_steps.detection must be a whole number of steps, 0 or more"):
+        Recipe.from_dict({"expert_pretraining": {"expert_steps": {"detection": -1}}})
+    with pytest.raises(ValueError, match="expert_pretraining.expert_steps must be a dict"):
+        Recipe.from_dict({"expert_pretraining": {"expert_steps": [300]}})
