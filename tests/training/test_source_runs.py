@@ -52,7 +52,7 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
     asked = sum(turns[i] for i, r in enumerate(train) if r["images"] and r not in captions)
     assert asked == questions  # every question, once
     test = read_source(SourceArgs(**sources[5]), bad)
-    assert {r["type"] for r in test} <= {"colour", "shape", "count", "presence", "position", "largest"}
+    assert {r["type"] for r in test} <= set(QUESTION_TYPES)
 
 
 def test_the_unseen_renderer_split_is_evaluated_under_its_own_names(tmp_path):
