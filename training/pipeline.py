@@ -106,7 +106,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
         dataset = load_data(recipe)
     model, processor = build_model(recipe)
     spec = recipe.expert_pretraining
-    if (spec.steps or any(spec.expert_steps.values())) and not recipe.model.pretrained:
+    if spec.trains and not recipe.model.pretrained:
         pretrain_experts(
             model,
             processor.image_processor,

@@ -119,6 +119,14 @@ class ExpertPretrainArgs:
     # position); 1.0 in the tiny recipe cost the detector and the segmenter most of their shape accuracy
     positions: float = 0.0
 
+    def steps_for(self, expert: str) -> int:
+        return self.expert_steps.get(expert, self.steps)
+
+    @property
+    def trains(self) -> bool:
+        """Whether any expert gets a pre-training step."""
+        return any(self.steps_for(name) > 0 for name in EXPERT_NAMES)
+
 
 @dataclass
 class EvalArgs:
@@ -164,12 +172,10 @@ class Recipe:
             raise ValueError("Recipe: data.num_unseen is evaluated from the files data.files writes; set data.files.")
         if self.data.sources and self.data.files:
             raise ValueError("Recipe: data.files writes the synthetic set as the sources; give it or data.sources.")
-        pretraining = self.expert_pretraining
-        pretrains = pretraining.steps or any(pretraining.expert_steps.values())
-        if self.data.sources and pretrains and not self.model.pretrained:
+        if self.data.sources and self.expert_pretraining.trains and not self.model.pretrained:
             raise ValueError(
                 "Recipe: expert_pretraining trains the tiny experts on the synthetic set; with data.sources start "
-                "from pretrained experts (model.pretrained) or set expert_pretraining.steps: 0."
+                "from pretrained experts (model.pretrained) or set expert_pretraining.steps: 0 (and no expert_steps)."
             )
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"Recipe: cache_dtype is {self.cache_dtype!r}; use float16, bfloat16 or float32.")

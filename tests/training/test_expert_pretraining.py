@@ -82,6 +82,9 @@ def test_expert_steps_give_each_expert_its_own_number_of_steps(monkeypatch):
 def test_expert_steps_are_checked_in_the_recipe():
     recipe = Recipe.from_dict({"expert_pretraining": {"expert_steps": {"detection": 300}}})
     assert recipe.expert_pretraining.expert_steps == {"detection": 300}
+    assert recipe.expert_pretraining.steps_for("detection") == 300 and recipe.expert_pretraining.trains
+    none = Recipe.from_dict({"expert_pretraining": {"steps": 0, "expert_steps": {"caption": 0}}})
+    assert not none.expert_pretraining.trains
     with pytest.raises(ValueError, match="unknown expert 'ocr' in expert_pretraining.expert_steps"):
         Recipe.from_dict({"expert_pretraining": {"expert_steps": {"ocr": 3}}})
     with pytest.raises(ValueError, match="expert_steps.detection must be a whole number of steps, 0 or more"):
