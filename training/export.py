@@ -5,8 +5,9 @@
 - `coco_captions_<split>.json` (COCO captions) and `coco_instances_<split>.json` (COCO instances: boxes `[x, y, w,
   h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
   the extension `astrea-data label` also writes);
-- `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns,
-  or (every eighth image) as two-turn conversations, a request for the caption of every fourth image, a few
+- `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns
+  and (every eighth image) two-turn conversations, or `turns_per_row` of them to a conversation in a shuffled
+  order; a request for the caption of every fourth image, a few
   text-only rows, and the held-out splits' questions one per row with their `category` (the question type, which
   evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`).
 
@@ -29,10 +30,11 @@ TEXT_ONLY = [
 ]
 
 
-def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0) -> None:
+def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0, turns_per_row: int = 1) -> None:
     images_dir = folder / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    order = random.Random(seed + 1)  # the question order of multi-turn rows (rng's draws stay as they were)
     coco_images, captions, instances, conversations = [], [], [], []
     categories: dict[str, int] = {}
     for index, row in enumerate(rows):
@@ -55,7 +57,10 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0)
             )
         questions = list(row["questions"])
         if split == "train":
-            if index % 8 == 0:  # pairs of turns: a whole image's questions in one row would pad every batch to it
+            if turns_per_row > 1:  # several of the image's questions per row, in a shuffled order
+                order.shuffle(questions)
+                groups = [questions[i : i + turns_per_row] for i in range(0, len(questions), turns_per_row)]
+            elif index % 8 == 0:  # one per row, but every eighth image's in pairs: multi-turn rows in the mix
                 groups = [questions[i : i + 2] for i in range(0, len(questions), 2)]
             else:
                 groups = [[question] for question in questions]
@@ -110,14 +115,18 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def export_synthetic(dataset, folder: str | Path, image_size: int = 64, seed: int = 0) -> list[dict]:
+def export_synthetic(
+    dataset, folder: str | Path, image_size: int = 64, seed: int = 0, turns_per_row: int = 1
+) -> list[dict]:
     """Write the synthetic set's splits (a DatasetDict with train, test and optionally unseen) under `folder`; the
     `data.sources` of a recipe that trains on them (pre-alignment from the training split's COCO files, instruction
-    tuning from its conversations, evaluation on the held-out splits')."""
+    tuning from its conversations, evaluation on the held-out splits'). `turns_per_row` > 1: each training image's
+    questions are shuffled and asked that many to a conversation (the image's visual tokens then serve several
+    answers); 1: one question per row, every eighth image's in pairs."""
     folder = Path(folder)
     splits = [split for split in ("train", "test", "unseen") if split in dataset]
     for split in splits:
-        export_split(dataset[split], split, folder, image_size, seed)
+        export_split(dataset[split], split, folder, image_size, seed, turns_per_row)
     return synthetic_sources(folder, unseen="unseen" in splits)
 
 

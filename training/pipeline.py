@@ -97,7 +97,7 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
         files = output_dir / recipe.data.files  # (an absolute path stays as it is)
         dataset = load_data(recipe)
         if process_rank()[0] == 0:
-            export_synthetic(dataset, files, recipe.data.image_size, recipe.seed)
+            export_synthetic(dataset, files, recipe.data.image_size, recipe.seed, recipe.data.turns_per_row)
         if process_rank()[1] > 1:
             torch.distributed.barrier()
         specs = [SourceArgs(**spec) for spec in synthetic_sources(files, unseen="unseen" in dataset)]
@@ -399,6 +399,8 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=args.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        length_column_name="length",
         report_to="none",
         # the loss is the model's own (AstreaSFTTrainer.compute_loss): pinned, so that no TRL default replaces it
         loss_type="nll",
@@ -442,11 +444,14 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
     )
     resume_from = str(checkpoints[-1]) if ws.resume and checkpoints else None
     history = HistoryCallback(measure if ws.track_heldout else None, every=max(1, steps // 5))
+    collator = ws.collator
+    if args.group_by_length:  # the sampler's lengths: tokens as the collator will lay them out (memoised there)
+        examples = [{**example, "length": collator.length(example)} for example in examples]
     trainer = AstreaSFTTrainer(
         model=model,
         args=sft_config(args, steps, stage_dir, ws.recipe.seed),
         train_dataset=Dataset.from_list(examples),
-        data_collator=ws.collator,
+        data_collator=collator,
         processing_class=ws.processor.tokenizer,
         callbacks=[history, *ws.callbacks],
     )

@@ -45,6 +45,9 @@ class DataArgs:
     files: str | None = None
     on_bad_row: str = "error"  # a bad row stops the run before training ("error") or is left out and counted
     max_length: int | None = None  # examples longer than this (in tokens) are bad rows; None: no limit
+    # with `files`: up to this many of a training image's questions in one conversation, in a shuffled order (the
+    # image's visual tokens then serve every answer in it); 1: one per row and every eighth image's in pairs
+    turns_per_row: int = 1
 
     def source_args(self) -> list:
         """`sources` as checked SourceArgs (an unknown key or format names its entry)."""
@@ -80,6 +83,9 @@ class OptimArgs:
     logging_steps: int = 10
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # batches of examples of about the same length (the Trainer's group_by_length sampling, with each example's
+    # token count, image tokens included): less padding, the same examples per epoch
+    group_by_length: bool = False
 
 
 @dataclass
@@ -170,6 +176,11 @@ class Recipe:
             raise ValueError(f"Recipe: data.num_unseen must be 0 or more, not {self.data.num_unseen}.")
         if self.data.num_unseen and not self.data.files:
             raise ValueError("Recipe: data.num_unseen is evaluated from the files data.files writes; set data.files.")
+        if not isinstance(self.data.turns_per_row, int) or self.data.turns_per_row < 1:
+            turns = self.data.turns_per_row
+            raise ValueError(f"Recipe: data.turns_per_row must be a whole number, 1 or more, not {turns!r}.")
+        if self.data.turns_per_row > 1 and not self.data.files:
+            raise ValueError("Recipe: data.turns_per_row shapes the conversations data.files writes; set data.files.")
         if self.data.sources and self.data.files:
             raise ValueError("Recipe: data.files writes the synthetic set as the sources; give it or data.sources.")
         if self.data.sources and self.expert_pretraining.trains and not self.model.pretrained:

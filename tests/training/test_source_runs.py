@@ -55,6 +55,36 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
     assert {r["type"] for r in test} <= set(QUESTION_TYPES)
 
 
+def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_turns(tmp_path):
+    """data.turns_per_row: every training question is asked exactly once, at most that many to a conversation about
+    one image, and the image's questions are not all kept in their drawn order."""
+    dataset = build_dataset(12, 2, 64, seed=3)
+    sources = export_synthetic(dataset, tmp_path, turns_per_row=4)
+    rows = read_source(SourceArgs(**sources[2]), BadRows())
+    asked: dict[str, list] = {}
+    for row in rows:
+        if not row["images"] or CAPTION_PROMPT in str(row["messages"][0]["content"]):
+            continue
+        pairs = [
+            (str(user["content"]).replace("<image>", "").strip(), reply["content"])
+            for user, reply in zip(row["messages"][::2], row["messages"][1::2], strict=True)
+        ]
+        assert 1 <= len(pairs) <= 4 and row["messages"][0]["role"] == "user"
+        asked.setdefault(Path(row["images"][0]).name, []).extend(pairs)
+    assert max(len(r["messages"]) for r in rows) == 8
+    reordered = 0
+    for index, example in enumerate(dataset["train"]):
+        drawn = [(q["question"], q["answer"]) for q in example["questions"]]
+        got = asked[f"train-{index:05d}.png"]
+        assert sorted(got) == sorted(drawn)
+        reordered += got != drawn
+    assert reordered > 0
+    with pytest.raises(ValueError, match="data.turns_per_row"):
+        Recipe.from_dict({"data": {"files": "data", "turns_per_row": 0}})
+    with pytest.raises(ValueError, match="set data.files"):
+        Recipe.from_dict({"data": {"turns_per_row": 3}})
+
+
 def test_the_unseen_renderer_split_is_evaluated_under_its_own_names(tmp_path):
     """With data.num_unseen, the unseen-renderer split's questions feed evaluation as "<type> (unseen renderer)",
     whose chance level is its type's."""
