@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image as PILImage
 from transformers import AutoProcessor, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
@@ -324,6 +325,27 @@ class MomentumUpdate(TrainerCallback):
         self.moco.update_in_forward = True
 
 
+class ShuffledLengthGroups(LengthGroupedSampler):
+    """Length-grouped batches (transformers' grouping: sorted by length within groups of up to 50 batches) in a
+    random order, drawn from (seed, epoch) alone: the same order on every process and again after a resume.
+    transformers' own sampler draws from the process's global random state and leaves each group's batches longest
+    first, so that a run of steps sees one length, which in the demo's data is one question type."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at every epoch's start
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return iter([index for b in order for index in batches[b]])
+
+
 class AstreaSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the model's own: L_reg + mu * L_moco (Eq. 11), with both parts logged.
 
@@ -337,6 +359,15 @@ class AstreaSFTTrainer(SFTTrainer):
         model = kwargs["model"]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
         super().__init__(*args, callbacks=[MomentumUpdate(base), *(callbacks or [])], **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        if not grouped or "length" not in getattr(dataset, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ShuffledLengthGroups(batch, dataset["length"], seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

@@ -46,7 +46,8 @@ class DataArgs:
     on_bad_row: str = "error"  # a bad row stops the run before training ("error") or is left out and counted
     max_length: int | None = None  # examples longer than this (in tokens) are bad rows; None: no limit
     # with `files`: up to this many of a training image's questions in one conversation, in a shuffled order (the
-    # image's visual tokens then serve every answer in it); 1: one per row and every eighth image's in pairs
+    # image's visual tokens then serve every answer in it); 1: one per row and every eighth image's in pairs.
+    # Earlier turns can give later answers away (docs/training.md), so the demo keeps 1
     turns_per_row: int = 1
 
     def source_args(self) -> list:
@@ -186,7 +187,8 @@ class Recipe:
         if self.data.sources and self.expert_pretraining.trains and not self.model.pretrained:
             raise ValueError(
                 "Recipe: expert_pretraining trains the tiny experts on the synthetic set; with data.sources start "
-                "from pretrained experts (model.pretrained) or set expert_pretraining.steps: 0 (and no expert_steps)."
+                "from pretrained experts (model.pretrained) or set expert_pretraining.steps: 0 (and every "
+                "expert_steps entry 0)."
             )
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"Recipe: cache_dtype is {self.cache_dtype!r}; use float16, bfloat16 or float32.")

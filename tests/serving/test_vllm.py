@@ -116,11 +116,7 @@ def test_a_trained_model_scores_the_same_through_vllm(tmp_path):
                 "output_dir": str(tmp_path / "run"),
                 "cache_dir": str(tmp_path / "cache"),
                 "data": {"num_train": 400, "num_test": 40},
-                "expert_pretraining": {
-                    "steps": 60,
-                    "num_images": 400,
-                    "expert_steps": {"classification": 60, "detection": 60},
-                },
+                "expert_pretraining": {"steps": 60, "num_images": 400},
                 "prealign": {"stage_steps": [6, 3, 3, 3], "save_steps": 1000},
                 "instruct": {"steps": 60, "save_steps": 1000},
             }

@@ -24,7 +24,6 @@ DEMO_SCALED_DOWN = [  # `make demo`'s recipe with its data and step counts cut t
     "data.num_test=8",
     "data.num_unseen=4",
     "expert_pretraining.steps=2",
-    "expert_pretraining.expert_steps={classification: 2, detection: 2}",
     "expert_pretraining.num_images=16",
     "expert_pretraining.batch_size=8",
     "prealign.stage_steps=[2,2,2,2]",  # two: the first step is all warm-up (learning rate 0)

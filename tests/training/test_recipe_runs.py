@@ -397,3 +397,23 @@ def test_group_by_length_batches_examples_of_about_the_same_length(tmp_path, fea
     least = sum(max(chunk) - n for i in range(0, 40, 4) for chunk in [ordered[i : i + 4]] for n in chunk)
     # (the sampler sorts within groups of a few batches, not the whole epoch: "least" is a bound, not the result)
     assert least <= grouped < random_order / 1.5
+
+
+def test_length_groups_come_in_an_order_drawn_from_the_seed_and_the_epoch():
+    """The grouped sampler's order is the same for the same seed and epoch (every process, and a resumed run, see
+    the batches the first run saw), differs between epochs, and mixes the groups' batches instead of giving a run of
+    steps the longest examples first; each batch still holds neighbouring lengths."""
+    lengths = [(i * 37) % 400 for i in range(400)]
+    sampler = pipeline.ShuffledLengthGroups(4, lengths, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(400)) and list(pipeline.ShuffledLengthGroups(4, lengths, seed=5)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    torch.manual_seed(0)  # the global random state plays no part
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    batches = [[lengths[i] for i in first[b : b + 4]] for b in range(0, 400, 4)]
+    maxima = [max(batch) for batch in batches]
+    assert maxima != sorted(maxima, reverse=True)  # batches in a random order
+    spreads = [max(batch) - min(batch) for batch in batches]
+    assert sum(spreads) / len(spreads) < 20  # random batches of four would spread over about 240
