@@ -7,7 +7,7 @@
   the extension `astrea-data label` also writes);
 - `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns
   and (every eighth image) two-turn conversations, or `turns_per_row` of them to a conversation in a shuffled
-  order; a request for the caption of every fourth image, a few
+  order (presence questions alone); a request for the caption of every fourth image, a few
   text-only rows, and the held-out splits' questions one per row with their `category` (the question type, which
   evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`).
 
@@ -59,7 +59,10 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0,
         if split == "train":
             if turns_per_row > 1:  # several of the image's questions per row, in a shuffled order
                 order.shuffle(questions)
-                groups = [questions[i : i + turns_per_row] for i in range(0, len(questions), turns_per_row)]
+                # a presence question alone: earlier turns that name the image's objects would give its answer away
+                alone = [[q] for q in questions if q["type"] == "presence"]
+                rest = [q for q in questions if q["type"] != "presence"]
+                groups = [rest[i : i + turns_per_row] for i in range(0, len(rest), turns_per_row)] + alone
             elif index % 8 == 0:  # one per row, but every eighth image's in pairs: multi-turn rows in the mix
                 groups = [questions[i : i + 2] for i in range(0, len(questions), 2)]
             else:
@@ -122,7 +125,7 @@ def export_synthetic(
     `data.sources` of a recipe that trains on them (pre-alignment from the training split's COCO files, instruction
     tuning from its conversations, evaluation on the held-out splits'). `turns_per_row` > 1: each training image's
     questions are shuffled and asked that many to a conversation (the image's visual tokens then serve several
-    answers); 1: one question per row, every eighth image's in pairs."""
+    answers), except presence questions, asked alone; 1: one question per row, every eighth image's in pairs."""
     folder = Path(folder)
     splits = [split for split in ("train", "test", "unseen") if split in dataset]
     for split in splits:

@@ -57,7 +57,8 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
 
 def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_turns(tmp_path):
     """data.turns_per_row: every training question is asked exactly once, at most that many to a conversation about
-    one image, and the image's questions are not all kept in their drawn order."""
+    one image (a presence question alone, as earlier turns could give it away), and the image's questions are not
+    all kept in their drawn order."""
     dataset = build_dataset(12, 2, 64, seed=3)
     sources = export_synthetic(dataset, tmp_path, turns_per_row=4)
     rows = read_source(SourceArgs(**sources[2]), BadRows())
@@ -70,6 +71,8 @@ def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_tur
             for user, reply in zip(row["messages"][::2], row["messages"][1::2], strict=True)
         ]
         assert 1 <= len(pairs) <= 4 and row["messages"][0]["role"] == "user"
+        if any(question.startswith("Is there a") for question, _ in pairs):  # presence: asked alone
+            assert len(pairs) == 1
         asked.setdefault(Path(row["images"][0]).name, []).extend(pairs)
     assert max(len(r["messages"]) for r in rows) == 8
     reordered = 0
