@@ -362,12 +362,13 @@ class AstreaSFTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        column = self.args.length_column_name  # "length", what run_stage writes
         grouped = self.args.train_sampling_strategy == "group_by_length"
-        if not grouped or "length" not in getattr(dataset, "column_names", ()):
+        if not grouped or column not in getattr(dataset, "column_names", ()):
             return super()._get_train_sampler(train_dataset)
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return ShuffledLengthGroups(batch, dataset["length"], seed)
+        return ShuffledLengthGroups(batch, dataset[column], seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -431,7 +432,6 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=args.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        length_column_name="length",
         report_to="none",
         # the loss is the model's own (AstreaSFTTrainer.compute_loss): pinned, so that no TRL default replaces it
         loss_type="nll",

@@ -84,8 +84,8 @@ class OptimArgs:
     logging_steps: int = 10
     bf16: bool = False
     gradient_checkpointing: bool = False
-    # batches of examples of about the same length (the Trainer's group_by_length sampling, with each example's
-    # token count, image tokens included): less padding, the same examples per epoch
+    # batches of examples of about the same length (each example's token count, image tokens included), in a
+    # random order drawn from the seed and the epoch: less padding, the same examples per epoch
     group_by_length: bool = False
 
 
