@@ -220,3 +220,34 @@ def test_the_13b_recipe_reads_its_data_sets_in_their_formats(tmp_path, monkeypat
     assert len(records["prealign"]) == 2
     assert all(r["caption"] and r["boxes"] for r in records["prealign"])
     assert any(r.get("frames") == [1] for r in records["instruct"])
+
+
+def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
+    """examples/focus_finetune.py on a finished run: the chosen questions alone, then the mix; accuracy as it goes,
+    and the run's folder left as it was."""
+    import subprocess
+    import sys
+
+    _, _, sources = exported
+    pipeline.run(source_recipe(tmp_path, sources))
+    run = tmp_path / "run"
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file()}
+    command = [sys.executable, "examples/focus_finetune.py", "--run", str(run), "--question", "How many objects"]
+    result = subprocess.run(
+        [*command, "--steps", "2", "--mix-from", "1", "--every", "1", "--batch-size", "2", "--eval-size", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("12 training questions contain 'How many objects'")  # one per training image
+    assert lines[0].endswith("; 3 held out")
+    assert lines[1].startswith("step 0: held-out accuracy")
+    assert lines[2].startswith("step 1 (focus): loss") and lines[3].startswith("step 2 (mix): loss")
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file()} == before
+    missing = subprocess.run(
+        [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "recipe.json does not exist" in missing.stderr
