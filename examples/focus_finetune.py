@@ -7,7 +7,8 @@ held-out accuracy on that type as it goes. docs/design.md ("Why left/right stays
     python examples/focus_finetune.py --run outputs/demo --question "on the left or the right?" --mix-from 200
 
 `--question` picks the questions that contain it (training rows are split into single questions, as evaluation asks
-them); `--mix-from N` switches to every image question from step N on (0: the mix throughout). The run's recipe,
+them); `--mix-from N` switches to every image question from step N on (0: the mix throughout), with
+`--focus-share` of each batch drawn from the chosen questions (over-sampling them). The run's recipe,
 data files and feature cache are reused; nothing in the run folder is changed (the model is fine-tuned in memory).
 """
 
@@ -54,12 +55,17 @@ def main() -> None:
     parser.add_argument("--question", required=True, help="text the chosen questions contain")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mix-from", type=int, default=None, help="train on every image question from this step")
+    parser.add_argument(
+        "--focus-share", type=float, default=0.0, help="in the mix, this share of each batch is chosen questions"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--every", type=int, default=50, help="evaluate every this many steps")
     parser.add_argument("--eval-size", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not 0 <= args.focus_share <= 1:
+        parser.error(f"--focus-share is a share of each batch, from 0 to 1, not {args.focus_share}")
     for name in ("recipe.json", "model"):
         if not (args.run / name).exists():
             parser.error(f"{args.run / name} does not exist: --run takes a finished astrea-train all output folder")
@@ -97,15 +103,17 @@ def main() -> None:
     print(f"step 0: held-out accuracy {pipeline.answer_accuracy(ws, heldout):.1%}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        rows = mix if args.mix_from is not None and step > args.mix_from else focus
+        mixing = args.mix_from is not None and step > args.mix_from
+        chosen = round(args.focus_share * args.batch_size) if mixing else args.batch_size
+        batch = rng.sample(focus, chosen) + rng.sample(mix, args.batch_size - chosen)
         model.train()
-        loss = model(**ws.collator(rng.sample(rows, args.batch_size)), use_cache=False).loss
+        loss = model(**ws.collator(batch), use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % args.every == 0 or step == args.steps:
             accuracy = pipeline.answer_accuracy(ws, heldout)
-            source = "mix" if rows is mix else "focus"
+            source = f"mix, {args.focus_share:.0%} chosen" if mixing else "focus"
             print(
                 f"step {step} ({source}): loss {loss.item():.3f}, held-out accuracy {accuracy:.1%}, "
                 f"{time.perf_counter() - start:.0f} s",

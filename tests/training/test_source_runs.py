@@ -234,7 +234,8 @@ def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
     before = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file()}
     command = [sys.executable, "examples/focus_finetune.py", "--run", str(run), "--question", "How many objects"]
     result = subprocess.run(
-        [*command, "--steps", "2", "--mix-from", "1", "--every", "1", "--batch-size", "2", "--eval-size", "3"],
+        [*command, "--steps", "2", "--mix-from", "1", "--focus-share", "0.5", "--every", "1", "--batch-size", "2"]
+        + ["--eval-size", "3"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -245,9 +246,11 @@ def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
     assert lines[0].startswith("12 training questions contain 'How many objects'")  # one per training image
     assert lines[0].endswith("; 3 held out")
     assert lines[1].startswith("step 0: held-out accuracy")
-    assert lines[2].startswith("step 1 (focus): loss") and lines[3].startswith("step 2 (mix): loss")
+    assert lines[2].startswith("step 1 (focus): loss") and lines[3].startswith("step 2 (mix, 50% chosen): loss")
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file()} == before
     missing = subprocess.run(
         [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "recipe.json does not exist" in missing.stderr
+    share = subprocess.run([*command, "--focus-share", "2"], cwd=REPO, capture_output=True, text=True)
+    assert share.returncode == 2 and "--focus-share is a share of each batch, from 0 to 1, not 2.0" in share.stderr
