@@ -94,12 +94,16 @@ def main() -> None:
     ][: args.eval_size]
     if not focus or not heldout:
         parser.error(f"no training ({len(focus)}) or held-out ({len(heldout)}) question contains {args.question!r}")
+    if min(len(focus), len(mix)) < args.batch_size:
+        parser.error(f"--batch-size {args.batch_size} is more than the {min(len(focus), len(mix))} questions to draw")
     print(f"{len(focus)} training questions contain {args.question!r}, of {len(mix)}; {len(heldout)} held out")
 
-    for name, parameter in model.named_parameters():  # what instruction tuning trains, the LLM included
+    # everything but the frozen experts: instruction tuning's modules and the LLM, and the projectors too
+    for name, parameter in model.named_parameters():
         parameter.requires_grad = not name.startswith("model.experts.") and "momentum" not in name
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)  # the router's prompt dropout draws from it
     print(f"step 0: held-out accuracy {pipeline.answer_accuracy(ws, heldout):.1%}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

@@ -2,6 +2,8 @@
 conversations (training/export.py), read back through training/sources.py, trained and evaluated."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,9 +227,6 @@ def test_the_13b_recipe_reads_its_data_sets_in_their_formats(tmp_path, monkeypat
 def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
     """examples/focus_finetune.py on a finished run: the chosen questions alone, then the mix; accuracy as it goes,
     and the run's folder left as it was."""
-    import subprocess
-    import sys
-
     _, _, sources = exported
     pipeline.run(source_recipe(tmp_path, sources))
     run = tmp_path / "run"
@@ -254,3 +253,5 @@ def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
     assert missing.returncode == 2 and "recipe.json does not exist" in missing.stderr
     share = subprocess.run([*command, "--focus-share", "2"], cwd=REPO, capture_output=True, text=True)
     assert share.returncode == 2 and "--focus-share is a share of each batch, from 0 to 1, not 2.0" in share.stderr
+    big = subprocess.run([*command, "--batch-size", "13"], cwd=REPO, capture_output=True, text=True)
+    assert big.returncode == 2 and "--batch-size 13 is more than the 12 questions to draw" in big.stderr
