@@ -3,7 +3,7 @@
     astrea-eval synthetic --output outputs/benchmarks/synthetic      # the synthetic set's splits, as files
     astrea-eval run --model outputs/demo/model --data outputs/benchmarks/synthetic/all.jsonl \\
         --output outputs/eval/demo                                    # predictions.jsonl + summary.json
-    astrea-eval probe --model outputs/demo/model                      # does each feature tell an object's column?
+    astrea-eval probe --model outputs/demo/model                      # what each feature says of the object under it
     astrea-eval lmms-tasks --data outputs/benchmarks/synthetic/all.jsonl --output outputs/lmms-tasks
                                                                       # the same rows as lmms-eval tasks
 
@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="draw the images with renderer settings the training data never uses (training/data.py UNSEEN_STYLE)",
     )
-    probe = commands.add_parser("probe", help="linear probes: do the model's features tell an object's column?")
+    probe = commands.add_parser(
+        "probe", help="linear probes: what the features say of the object under them (column, shape, colour)"
+    )
     probe.add_argument("--model", required=True, help="Astrea model folder")
     probe.add_argument("--num-images", type=int, default=1000, help="drawn images (80%% fit the probe, 20%% score it)")
     probe.add_argument("--seed", type=int, default=123)
@@ -113,11 +115,11 @@ def probe(args) -> int:
 
     import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
 
-    from .probe import position_probe, probe_table
+    from .probe import feature_probe, probe_table
 
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)  # on the CPU
-    result = position_probe(model, processor, args.num_images, args.seed)
+    result = feature_probe(model, processor, args.num_images, args.seed)
     print(probe_table(result))
     print(f"({result['objects']} objects; probes fitted on 80% of the images, scored on the rest)")
     return 0

@@ -1,8 +1,12 @@
-"""Linear probes of where a visual token is: do an Astrea model's features tell an object's column?
+"""Linear probes of what a visual token says about the object under it: its column, its shape and its colour.
 
-For drawn images of the synthetic set, each object's centre falls in one cell of the `image_grid_size` grid. A
-linear classifier is fitted (on 80% of the images) from the features at that cell to the cell's column, and scored
-on the other 20%: accuracy over the columns, and over left half against right half (chance 50%). Probed: each
+For drawn images of the synthetic set, each object's centre falls in one cell of the `image_grid_size` grid. Linear
+classifiers are fitted (on 80% of the images) from the features at that cell to the cell's column, the object's
+shape and its colour, and scored on the other 20%: accuracy over the columns, over left half against right half
+(chance 50%), over the shapes and over the colours. Beside them, the share of the features' variance that the
+object's shape and its colour explain (between-class over total sum of squares): a probe finds a weak direction
+once the features are standardised, an attention head reads the features as they are, so a shape that the probe
+finds but that explains little of the variance is one the LLM may still fail to look objects up by. Probed: each
 expert's own features, and the visual tokens the LLM reads (`get_image_features`, routed without a prompt).
 
     astrea-eval probe --model outputs/demo/model
@@ -42,11 +46,25 @@ def column_scores(features: torch.Tensor, columns: torch.Tensor, train: torch.Te
     }
 
 
+def class_accuracy(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, classes: int) -> float:
+    """The held-out accuracy of a probe from `features` to `labels`."""
+    return round((fit_probe(features, labels, train, classes) == labels[~train]).float().mean().item(), 3)
+
+
+def variance_share(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of `features`' [N, C] total variance that their class means (`labels` [N]) explain."""
+    centred = features - features.mean(0)
+    total = centred.pow(2).sum()
+    between = sum((labels == label).sum() * centred[labels == label].mean(0).pow(2).sum() for label in labels.unique())
+    return float(between / total) if total > 0 else 0.0
+
+
 @torch.no_grad()
-def position_probe(model, processor, num_images: int = 1000, seed: int = 123, batch_size: int = 100) -> dict:
-    """{features: {"column": acc, "half": acc}} for each expert's features and the visual tokens; also the chance
-    levels and the number of probed objects."""
-    from astrea.training.data import draw_example
+def feature_probe(model, processor, num_images: int = 1000, seed: int = 123, batch_size: int = 100) -> dict:
+    """{features: {"column", "half", "shape", "colour": probe accuracy, "shape_share", "colour_share": variance
+    shares}} for each expert's features and the visual tokens; also the chance levels and the number of probed
+    objects."""
+    from astrea.training.data import COLOURS, SHAPES, draw_example
 
     model.eval()
     size = 64
@@ -65,26 +83,50 @@ def position_probe(model, processor, num_images: int = 1000, seed: int = 123, ba
         for name, value in [*experts.items(), ("visual tokens", tokens)]:
             collected.setdefault(name, []).append(value.float())
     features = {name: torch.cat(values) for name, values in collected.items()}
-    image, cell, column = [], [], []
+    image, cell, column, shape, colour = [], [], [], [], []
+    colours = list(COLOURS)
     for index, row in enumerate(rows):
-        for x0, y0, x1, y1 in row["boxes"]:
+        for label, (x0, y0, x1, y1) in zip(row["labels"], row["boxes"], strict=True):
             col, line = (min(int((a + b) / 2 * grid), grid - 1) for a, b in ((x0, x1), (y0, y1)))
+            object_colour, object_shape = label.split()  # labels read "<colour> <shape>"
             image.append(index)
             cell.append(line * grid + col)
             column.append(col)
-    image, cell, column = map(torch.tensor, (image, cell, column))
+            shape.append(SHAPES.index(object_shape))
+            colour.append(colours.index(object_colour))
+    image, cell, column, shape, colour = map(torch.tensor, (image, cell, column, shape, colour))
     train = image < int(0.8 * num_images)  # held out by image, not by object
-    results = {name: column_scores(value[image, cell], column, train, grid) for name, value in features.items()}
-    return {"features": results, "chance": {"column": round(1 / grid, 3), "half": 0.5}, "objects": len(column)}
+    results = {}
+    for name, value in features.items():
+        at_objects = value[image, cell]
+        results[name] = {
+            **column_scores(at_objects, column, train, grid),
+            "shape": class_accuracy(at_objects, shape, train, len(SHAPES)),
+            "colour": class_accuracy(at_objects, colour, train, len(colours)),
+            "shape_share": round(variance_share(at_objects, shape), 3),
+            "colour_share": round(variance_share(at_objects, colour), 3),
+        }
+    chance = {"column": round(1 / grid, 3), "half": 0.5, "shape": round(1 / len(SHAPES), 3)}
+    chance["colour"] = round(1 / len(colours), 3)
+    return {"features": results, "chance": chance, "objects": len(column)}
 
 
 def probe_table(result: dict) -> str:
-    lines = ["| features | column accuracy | left/right half |", "| --- | --- | --- |"]
-    for name, scores in result["features"].items():
-        lines.append(f"| {name} | {scores['column']:.1%} | {scores['half']:.1%} |")
+    lines = [
+        "| features | column | left/right half | shape | colour | variance: shape | variance: colour |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in result["features"].items():
+        lines.append(
+            f"| {name} | {s['column']:.1%} | {s['half']:.1%} | {s['shape']:.1%} | {s['colour']:.1%} "
+            f"| {s['shape_share']:.2f} | {s['colour_share']:.2f} |"
+        )
     chance = result["chance"]
-    lines.append(f"| (chance) | {chance['column']:.1%} | {chance['half']:.1%} |")
+    lines.append(
+        f"| (chance) | {chance['column']:.1%} | {chance['half']:.1%} | {chance['shape']:.1%} | {chance['colour']:.1%} "
+        "| | |"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["column_scores", "fit_probe", "position_probe", "probe_table"]
+__all__ = ["column_scores", "feature_probe", "fit_probe", "probe_table", "variance_share"]

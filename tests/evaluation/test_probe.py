@@ -1,11 +1,12 @@
-"""The position probe (`astrea-eval probe`): a linear probe that finds a column where the features hold one and
-stays near chance where they do not, on each expert's features and on the visual tokens."""
+"""The feature probe (`astrea-eval probe`): linear probes that find a column where the features hold one and stay
+near chance where they do not, on each expert's features and on the visual tokens, and the variance shares beside
+them."""
 
 import pytest
 import torch
 
 from astrea.evaluation.cli import main as astrea_eval
-from astrea.evaluation.probe import column_scores, position_probe
+from astrea.evaluation.probe import column_scores, feature_probe, variance_share
 from modeling_astrea import AstreaForConditionalGeneration
 
 
@@ -22,6 +23,15 @@ def test_the_probe_reads_a_column_that_is_there_and_not_one_that_is_not():
     assert blind["column"] < 0.2 and blind["half"] < 0.6  # chance: 0.125 and 0.5
 
 
+def test_the_variance_share_is_what_the_class_means_explain():
+    labels = torch.tensor([0, 0, 1, 1])
+    # class means -1 and 1 and spread 0.5 around them: between 4 * 1, total 4 * (1 + 0.25)
+    features = torch.tensor([[-1.5], [-0.5], [0.5], [1.5]])
+    assert abs(variance_share(features, labels) - 1 / 1.25) < 1e-6
+    assert variance_share(features, torch.tensor([0, 1, 0, 1])) < 0.25  # labels that do not follow the features
+    assert variance_share(torch.ones(4, 3), labels) == 0.0  # no variance at all
+
+
 def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config):
     tiny_config.image_position_embedding = True
     torch.manual_seed(0)
@@ -31,17 +41,21 @@ def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config):
     from astrea_testing import TINY
     from transformers import AutoProcessor
 
-    result = position_probe(model, AutoProcessor.from_pretrained(TINY), num_images=60, batch_size=30)
+    result = feature_probe(model, AutoProcessor.from_pretrained(TINY), num_images=60, batch_size=30)
     assert set(result["features"]) == {"caption", "classification", "detection", "segmentation", "visual tokens"}
-    assert result["features"]["visual tokens"]["half"] > 0.95
-    assert result["chance"] == {"column": round(1 / tiny_config.image_grid_size, 3), "half": 0.5}
+    tokens = result["features"]["visual tokens"]
+    assert tokens["half"] > 0.95
+    # the loud column embedding is nearly all of the tokens' variance: shape and colour explain little of it
+    assert tokens["shape_share"] < 0.2 and tokens["colour_share"] < 0.2
+    assert result["chance"]["column"] == round(1 / tiny_config.image_grid_size, 3) and result["chance"]["half"] == 0.5
+    assert result["chance"]["shape"] == 0.2 and abs(result["chance"]["colour"] - 1 / 6) < 1e-3
     assert result["objects"] >= 60
 
 
 def test_astrea_eval_probe_prints_a_table_and_checks_its_arguments(tiny_folder, capsys):
     assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "20"]) == 0
     out = capsys.readouterr().out
-    assert "| visual tokens |" in out and "| (chance) |" in out
+    assert "| visual tokens |" in out and "| (chance) |" in out and "variance: shape" in out
     assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "5"]) == 2
     assert "--num-images must be at least 10" in capsys.readouterr().err
 
