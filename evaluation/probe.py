@@ -106,8 +106,12 @@ def feature_probe(model, processor, num_images: int = 1000, seed: int = 123, bat
             "shape_share": round(variance_share(at_objects, shape), 3),
             "colour_share": round(variance_share(at_objects, colour), 3),
         }
-    chance = {"column": round(1 / grid, 3), "half": 0.5, "shape": round(1 / len(SHAPES), 3)}
-    chance["colour"] = round(1 / len(colours), 3)
+    chance = {
+        "column": round(1 / grid, 3),
+        "half": 0.5,
+        "shape": round(1 / len(SHAPES), 3),
+        "colour": round(1 / len(colours), 3),
+    }
     return {"features": results, "chance": chance, "objects": len(column)}
 
 
