@@ -9,7 +9,8 @@
   and (every eighth image) two-turn conversations, or `turns_per_row` of them to a conversation in a shuffled
   order (presence questions alone); a request for the caption of every fourth image, a few
   text-only rows, and the held-out splits' questions one per row with their `category` (the question type, which
-  evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`).
+  evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`) and
+  `subgroup` (how many objects the image has, which evaluation also reports each type by).
 
 `export_synthetic` returns the recipe `data.sources` entries that read them back.
 """
@@ -99,6 +100,7 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0,
                         "id": f"{split}-{index}-{number}",
                         "image": name,
                         "category": qa["type"] + (UNSEEN_SUFFIX if split == "unseen" else ""),
+                        "subgroup": objects_group(len(row["labels"])),
                         "conversations": [
                             {"from": "human", "value": "<image>\n" + qa["question"]},
                             {"from": "gpt", "value": qa["answer"]},
@@ -112,6 +114,12 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0,
         {"images": coco_images, "annotations": instances, "categories": category_list},
     )
     write_json(folder / f"llava_{split}.json", conversations)
+
+
+def objects_group(count: int) -> str:
+    """A held-out row's `subgroup`: how many objects its image has ("1 object", "3 objects"), which evaluation
+    reports each question type by (colour questions about one object need no finding by shape; docs/design.md)."""
+    return f"{count} object" + ("" if count == 1 else "s")
 
 
 def write_json(path: Path, data) -> None:

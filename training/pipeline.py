@@ -259,6 +259,7 @@ def conversation_examples(records: list[dict]) -> list[dict]:
             "messages": r["messages"],
             "frames": r.get("frames", []),
             "type": r.get("type", r["source"]),
+            **({"subgroup": r["subgroup"]} if "subgroup" in r else {}),
         }
         for r in records
     ]
@@ -798,18 +799,31 @@ def evaluate(ws: Workspace) -> dict:
         examples = conversation_examples([r for r in ws.records["eval"] if "messages" in r])
         if not examples:
             logger.warning("no data.sources row feeds eval: no accuracy table")
-            return {"accuracy": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
+            return {"accuracy": {}, "subgroups": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
     texts, routers = answers(ws, examples)
     correct, total, router_sum = defaultdict(float), defaultdict(int), defaultdict(lambda: torch.zeros(4))
+    sub_correct, sub_total = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
     for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
         kind = example["type"]
+        hit = exact_match(text, reference_answer(example))
         total[kind] += 1
-        correct[kind] += exact_match(text, reference_answer(example))
+        correct[kind] += hit
+        if "subgroup" in example:
+            sub_total[kind][example["subgroup"]] += 1
+            sub_correct[kind][example["subgroup"]] += hit
         if routers:
             router_sum[kind] += routers[index]
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
+        # per type, by the rows' `subgroup` (the synthetic set's: how many objects the image has), with counts
+        "subgroups": {
+            kind: {
+                group: {"accuracy": round(sub_correct[kind][group] / n, 4), "n": n}
+                for group, n in sorted(groups.items())
+            }
+            for kind, groups in sub_total.items()
+        },
         "chance": {
             kind: round(chance[question_type(kind)], 4) if question_type(kind) in chance else None for kind in total
         },
@@ -928,6 +942,10 @@ def accuracy_table(metrics: dict) -> str:
         chance = metrics["chance"].get(kind)
         chance = "–" if chance is None else f"{chance:.1%}"
         lines.append(f"| {kind} | {value:.1%} | {chance} | {metrics['count'][kind]} |")
+    for kind, groups in metrics.get("subgroups", {}).items():
+        if len(groups) > 1 and question_type(kind) == kind:  # the held-out split's; the unseen renderer's in the json
+            parts = [f"{group} {row['accuracy']:.1%} ({row['n']})" for group, row in groups.items()]
+            lines.append(f"\n{kind} by subgroup: " + ", ".join(parts))
     for stage in metrics.get("stages", []):
         if stage.get("moco"):  # MoCo's loss over the stage's first and last tenth of logging steps, and chance
             curve = stage["moco"]

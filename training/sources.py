@@ -2,7 +2,8 @@
 
 - **Conversations** (instruction tuning): `{"id", "source", "type", "images": [image refs], "messages":
   [{"role", "content"}]}`, roles `system` / `user` / `assistant`, each image an `<image>` marker in the text where
-  it goes; `type` is the row's `category` or `type` where it has one (evaluation groups by it), else the source.
+  it goes; `type` is the row's `category` or `type` where it has one (evaluation groups by it), else the source,
+  and `subgroup` a row's optional `subgroup` (evaluation also reports each type by it).
   From LLaVA conversation JSON (`format: llava`: `id`, `image` as one path or a list, `conversations` of
   `{"from": "human" | "gpt" | "system", "value"}`) and TRL's conversational format (`format: trl`: `messages` with
   typed content parts, `images`). Rows without images, with several images or several turns are all fine.
@@ -404,7 +405,10 @@ def read_conversations(spec: SourceArgs, bad: BadRows) -> list[dict]:
             bad.add(spec.name, row_id, error.field_name, error.problem)
             continue
         kind = row.get("category") or row.get("type")  # a question type, where the data has one (evaluation)
-        records.append({"id": str(row_id), "source": spec.name, "type": str(kind or spec.name), **record})
+        record = {"id": str(row_id), "source": spec.name, "type": str(kind or spec.name), **record}
+        if row.get("subgroup") is not None:  # a finer group within the type that evaluation also reports
+            record["subgroup"] = str(row["subgroup"])
+        records.append(record)
     return limit(records, spec)
 
 

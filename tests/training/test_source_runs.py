@@ -55,6 +55,9 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
     assert asked == questions  # every question, once
     test = read_source(SourceArgs(**sources[5]), bad)
     assert {r["type"] for r in test} <= set(QUESTION_TYPES)
+    # each held-out question's subgroup is the number of objects in its image
+    objects = [len(row["labels"]) for row in dataset["test"] for _ in row["questions"]]
+    assert [r["subgroup"] for r in test] == [f"{n} object" + "s" * (n > 1) for n in objects]
 
 
 def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_turns(tmp_path):
@@ -127,6 +130,12 @@ def test_the_whole_recipe_trains_and_evaluates_from_the_files(exported, tmp_path
     kinds = {qa["type"] for row in dataset["test"] for qa in row["questions"]}
     assert set(metrics["accuracy"]) == kinds  # grouped by the rows' categories
     assert all(0.0 <= value <= 1.0 for value in metrics["accuracy"].values())
+    # by subgroup (objects in the image): the groups' counts add up to the type's, and their hits to its accuracy
+    assert set(metrics["subgroups"]) == kinds
+    for kind, groups in metrics["subgroups"].items():
+        assert sum(g["n"] for g in groups.values()) == metrics["count"][kind]
+        hits = sum(g["accuracy"] * g["n"] for g in groups.values())
+        assert hits == pytest.approx(metrics["accuracy"][kind] * metrics["count"][kind], abs=1e-3)
     assert all(stage["heldout"] for stage in metrics["stages"])  # held out: the eval phase's files
     assert (tmp_path / "run" / "model" / "config.json").exists()
 
@@ -255,3 +264,23 @@ def test_focus_finetune_reads_a_finished_run_back(exported, tmp_path):
     assert share.returncode == 2 and "--focus-share is a share of each batch, from 0 to 1, not 2.0" in share.stderr
     big = subprocess.run([*command, "--batch-size", "13"], cwd=REPO, capture_output=True, text=True)
     assert big.returncode == 2 and "--batch-size 13 is more than the 12 questions to draw" in big.stderr
+
+
+def test_the_accuracy_table_reports_types_by_subgroup():
+    """A type answered over several subgroups gets a line of them; one subgroup alone, or the unseen renderer's
+    names (in metrics.json only), do not."""
+    group = {"accuracy": 0.5, "n": 2}
+    metrics = {
+        "accuracy": {"colour": 0.75, "count": 1.0, "colour (unseen renderer)": 0.5},
+        "chance": {"colour": 1 / 6, "count": 1 / 3, "colour (unseen renderer)": 1 / 6},
+        "count": {"colour": 4, "count": 2, "colour (unseen renderer)": 4},
+        "subgroups": {
+            "colour": {"1 object": {"accuracy": 1.0, "n": 2}, "2 objects": group},
+            "count": {"1 object": {"accuracy": 1.0, "n": 2}},
+            "colour (unseen renderer)": {"1 object": group, "2 objects": group},
+        },
+    }
+    table = pipeline.accuracy_table(metrics)
+    assert "| colour | 75.0% | 16.7% | 4 |" in table
+    assert "colour by subgroup: 1 object 100.0% (2), 2 objects 50.0% (2)" in table
+    assert table.count("by subgroup") == 1
