@@ -942,10 +942,13 @@ def accuracy_table(metrics: dict) -> str:
         chance = metrics["chance"].get(kind)
         chance = "–" if chance is None else f"{chance:.1%}"
         lines.append(f"| {kind} | {value:.1%} | {chance} | {metrics['count'][kind]} |")
-    for kind, groups in metrics.get("subgroups", {}).items():
-        if len(groups) > 1 and question_type(kind) == kind:  # the held-out split's; the unseen renderer's in the json
-            parts = [f"{group} {row['accuracy']:.1%} ({row['n']})" for group, row in groups.items()]
-            lines.append(f"\n{kind} by subgroup: " + ", ".join(parts))
+    by_subgroup = [
+        f"{kind} by subgroup: " + ", ".join(f"{name} {g['accuracy']:.1%} ({g['n']})" for name, g in groups.items())
+        for kind, groups in metrics.get("subgroups", {}).items()
+        if len(groups) > 1 and question_type(kind) == kind  # the held-out split's; the unseen renderer's in the json
+    ]
+    if by_subgroup:
+        lines.append("\n" + "\n".join(by_subgroup))
     for stage in metrics.get("stages", []):
         if stage.get("moco"):  # MoCo's loss over the stage's first and last tenth of logging steps, and chance
             curve = stage["moco"]
