@@ -1361,16 +1361,39 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     ) -> AstreaCausalLMOutputWithPast:
         if labels is not None and self.model.routes_on_prompt:
             kwargs.setdefault("router_prompt_mask", labels == -100)  # the router must not read the answer
+        pixels = {
+            "pixel_values": pixel_values,
+            "classification_pixel_values": classification_pixel_values,
+            "detection_pixel_values": detection_pixel_values,
+            "segmentation_pixel_values": segmentation_pixel_values,
+            "detection_pixel_mask": detection_pixel_mask,
+            "detection_input_ids": detection_input_ids,
+            "detection_attention_mask": detection_attention_mask,
+        }
+        moco_images = None
+        wants_moco = labels is not None and self.config.use_moco and self.model.alignment is None
+        has_images = expert_features is not None or any(pixels[n] is not None for n in PIXEL_INPUT_NAMES.values())
+        if wants_moco and self.model.prompt_router is not None and has_images and not mm_encoder_outputs:
+            # The task-aware router mixes the experts by the question; MoCo's image side is the image alone, routed
+            # without the prompt, as retrieval (get_image_embeddings) sees it. Routed on the prompt, the pooled
+            # tokens would tell the question type, which the text side also carries: a match that needs no image.
+            images = self.model.get_image_features(
+                return_dict=True,
+                output_hidden_states=True,
+                expert_features=expert_features,
+                prompt_input_ids=input_ids,
+                prompt_attention_mask=attention_mask,
+                prompt_mask=kwargs.pop("router_prompt_mask"),
+                **pixels,
+            )
+            mm_encoder_outputs = {"image": images}
+            pixels, expert_features = dict.fromkeys(pixels), None
+            own = dict(zip(EXPERT_NAMES, images.hidden_states, strict=True))
+            moco_images = self.model.get_image_features(return_dict=True, expert_features=own).pooler_output
         outputs = self.model(
             return_dict=True,
             input_ids=input_ids,
-            pixel_values=pixel_values,
-            classification_pixel_values=classification_pixel_values,
-            detection_pixel_values=detection_pixel_values,
-            segmentation_pixel_values=segmentation_pixel_values,
-            detection_pixel_mask=detection_pixel_mask,
-            detection_input_ids=detection_input_ids,
-            detection_attention_mask=detection_attention_mask,
+            **pixels,
             expert_features=expert_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1396,7 +1419,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             if self.config.use_moco and not aligning:
                 pairs = None
                 if has_images:
-                    pairs = self._moco_pairs(input_ids, labels, outputs.image_hidden_states, attention_mask)
+                    images = outputs.image_hidden_states if moco_images is None else moco_images
+                    pairs = self._moco_pairs(input_ids, labels, images, attention_mask)
                 if pairs is not None:
                     loss_moco, moco_chance = self.moco(*pairs)  # Eq. 5-8
                     # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers'

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,6 +460,33 @@ def set_trainable(model, modules: list[torch.nn.Module], language_model: bool) -
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@contextmanager
+def compiled_decoder_layers(model, enabled: bool = True):
+    """Within the block, each of the LLM's decoder layers is compiled in place (`nn.Module.compile`: parameter names,
+    saving and wrapping by accelerate stay as they are; dynamic shapes, as every batch has its own length), and eager
+    again after it. Generation inside the block (the held-out measure) runs eagerly: its cache would recompile every
+    layer until dynamo's recompile limit, after which training steps ran slower too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's LoRA wrapper
+    layers = list(base.model.language_model.layers) if enabled else []
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the plain forward again
+
+
+def eager(function):
+    """`function` with any compiled module inside it run eagerly (no compile, no recompile)."""
+
+    def run(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return function(*args, **kwargs)
+
+    return run
+
+
 def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: OptimArgs, steps: int, measure) -> dict:
     """One SFTTrainer run in `<output_dir>/stages/<name>`; skipped (and its result loaded) when already done."""
     from datasets import Dataset
@@ -475,7 +503,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         key=lambda p: int(p.name.split("-")[-1]),
     )
     resume_from = str(checkpoints[-1]) if ws.resume and checkpoints else None
-    history = HistoryCallback(measure if ws.track_heldout else None, every=max(1, steps // 5))
+    history = HistoryCallback(eager(measure) if ws.track_heldout and measure else None, every=max(1, steps // 5))
     collator = ws.collator
     if args.group_by_length:  # the sampler's lengths: tokens as the collator will lay them out (memoised there)
         examples = [{**example, "length": collator.length(example)} for example in examples]
@@ -488,7 +516,8 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         callbacks=[history, *ws.callbacks],
     )
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    with compiled_decoder_layers(model, enabled=args.compile_language_model):
+        trainer.train(resume_from_checkpoint=resume_from)
     record = {
         "stage": name,
         "steps": steps,

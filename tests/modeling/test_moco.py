@@ -223,3 +223,29 @@ def test_the_text_side_is_the_llm_reading_the_text_without_the_images(tiny_confi
     torch.testing.assert_close(
         model.get_text_embeddings(alone), model.moco.embed_texts(hidden.mean(dim=0, keepdim=True))
     )
+
+
+def test_with_the_task_aware_router_the_image_side_is_the_image_routed_without_the_prompt(tiny_config):
+    """With `router_prompt` the language model reads visual tokens mixed by the question, but MoCo's image side is
+    the image routed without it (as `get_image_embeddings` embeds it for retrieval): the same for two questions
+    about one image, though their LM tokens differ."""
+    config = AstreaConfig.from_dict({**tiny_config.to_dict(), "router_prompt": True, "router_prompt_dropout": 0.0})
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(config).train()
+    model.moco.update_in_forward = False
+    torch.nn.init.normal_(model.model.prompt_router.weight, std=5.0)  # a router that follows the question
+    pixels = random_pixels(config, 1)
+    seen = []
+    model._moco_pairs = lambda ids, labels, images, mask: seen.append(images.detach().clone()) or None
+    lm_tokens = []
+    for question in ([40, 41, 42, 43], [60, 61, 62, 63]):
+        ids = torch.tensor([prompt_ids(config, question)])
+        labels = ids.masked_fill(ids == config.image_token_id, -100)
+        labels[0, :-1] = -100  # the last token is the answer
+        out = model(input_ids=ids, labels=labels, **pixels)
+        lm_tokens.append(out.image_hidden_states.detach())
+    assert not torch.allclose(lm_tokens[0], lm_tokens[1])  # the LM's tokens follow the question
+    torch.testing.assert_close(seen[0], seen[1])  # MoCo's do not
+    alone = model.get_image_features(**pixels, return_dict=True).pooler_output
+    torch.testing.assert_close(seen[0], alone)
+    assert not torch.allclose(seen[0], lm_tokens[0])

@@ -417,3 +417,36 @@ def test_length_groups_come_in_an_order_drawn_from_the_seed_and_the_epoch():
     assert maxima != sorted(maxima, reverse=True)  # batches in a random order
     spreads = [max(batch) - min(batch) for batch in batches]
     assert sum(spreads) / len(spreads) < 20  # random batches of four would spread over about 240
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tmp_path, feature_cache_dir):
+    """`compile_language_model` (run_stage): each LLM layer compiled in place for the stage, dynamic shapes; the loss
+    and every gradient as in eager mode on batches of two lengths, the parameter names (what a checkpoint holds)
+    unchanged, and the layers eager again after the stage."""
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir))
+    model = ws.model
+    pipeline.set_trainable(model, [model.model.router, model.model.adapters], language_model=True)
+    model.eval()  # no dropout: the two passes see the same function
+    model.config.use_moco = False
+    examples = pipeline.instruction_examples(ws.data["train"], ws.keys["train"], ["questions", "caption"])
+    short, long = sorted(examples, key=ws.collator.length)[:3], sorted(examples, key=ws.collator.length)[-3:]
+    names = list(model.state_dict())
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**ws.collator(batch)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = [loss_and_grads(batch) for batch in (short, long)]
+    layers = model.model.language_model.layers
+    with pipeline.compiled_decoder_layers(model):
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        compiled = [loss_and_grads(batch) for batch in (short, long)]
+        assert list(model.state_dict()) == names
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again after the stage
+    for (loss, grads), (compiled_loss, compiled_grads) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-4)
+        assert compiled_grads.keys() == grads.keys() and any(".layers." in n for n in grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
