@@ -468,13 +468,14 @@ def compiled_decoder_layers(model, enabled: bool = True):
     layer until dynamo's recompile limit, after which training steps ran slower too."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's LoRA wrapper
     layers = list(base.model.language_model.layers) if enabled else []
+    before = [layer._compiled_call_impl for layer in layers]  # what nn.Module.compile replaces (None: eager)
     for layer in layers:
         layer.compile(dynamic=True)
     try:
         yield
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: the plain forward again
+        for layer, previous in zip(layers, before, strict=True):
+            layer._compiled_call_impl = previous
 
 
 def eager(function):

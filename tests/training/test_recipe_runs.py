@@ -444,7 +444,7 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tmp_path, fea
         assert all(layer._compiled_call_impl is not None for layer in layers)
         compiled = [loss_and_grads(batch) for batch in (short, long)]
         assert list(model.state_dict()) == names
-    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again after the stage
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again, as before the stage
     for (loss, grads), (compiled_loss, compiled_grads) in zip(eager, compiled, strict=True):
         torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-4)
         assert compiled_grads.keys() == grads.keys() and any(".layers." in n for n in grads)
