@@ -77,9 +77,13 @@ class AstreaImageFeatures(BaseModelOutputWithPooling):
     attentions: always None; the four experts have no common attention map (windowed, deformable, hierarchical).
     router_probs (`torch.FloatTensor` of shape `(num_images, num_image_tokens, num_experts)`): P of Eq. 9, with
         exactly `num_experts - router_top_k` zeros per token; columns in `EXPERT_NAMES` order.
+    unprompted_pooler_output (`torch.FloatTensor`, shaped as `pooler_output`; only when asked for with
+        `unprompted=True`): the same images' tokens routed without the prompt, from the same projections: what
+        `pooler_output` is when no prompt is given, and MoCo's image side in training.
     """
 
     router_probs: torch.FloatTensor | None = None
+    unprompted_pooler_output: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -780,27 +784,41 @@ class AstreaModel(AstreaPreTrainedModel):
         return features
 
     def fuse_expert_features(
-        self, expert_features: dict[str, torch.Tensor], prompt: torch.Tensor | None = None
+        self, expert_features: dict[str, torch.Tensor], prompt: torch.Tensor | None = None, unprompted: bool = False
     ) -> AstreaImageFeatures:
         """Project each expert's features, route (Eq. 9) and mix the adapted features (Eq. 10).
 
         `prompt` ([N, D], with `config.router_prompt`): each image's prompt summary (`image_prompt_embeds`), whose
         `prompt_router` bias is added to the routing logits of every one of that image's tokens; None routes on the
-        image alone."""
+        image alone. `unprompted`: also mix the tokens as routed without the prompt (`unprompted_pooler_output`),
+        from the same projections and adapters, which run once."""
         projected = [self.projectors[name](expert_features[name]) for name in EXPERT_NAMES]  # E x [N, P, D]
         router_logits = self.router(torch.cat(projected, dim=-1))  # [N, P, E]
+        adapted = [self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected, strict=True)]
+        adapted = torch.stack(adapted, dim=-2)  # [N, P, E, D]
+        without_prompt = None
         if self.prompt_router is not None and prompt is not None:
             if prompt.shape[0] != router_logits.shape[0]:
                 raise ValueError(
                     f"The text holds {prompt.shape[0]} images' worth of image tokens but {router_logits.shape[0]} "
                     f"images were given ({self.config.num_image_tokens} image tokens per image)."
                 )
+            if unprompted:
+                without_prompt = self._mix(router_logits, adapted)[0]
             router_logits = router_logits + self.prompt_router(prompt.to(router_logits.dtype))[:, None, :]
+        fused, router_probs = self._mix(router_logits, adapted)
+        if unprompted and without_prompt is None:  # no prompt was read: the tokens are already the unprompted ones
+            without_prompt = fused
+        return AstreaImageFeatures(
+            pooler_output=fused, router_probs=router_probs, unprompted_pooler_output=without_prompt
+        )
+
+    def _mix(self, router_logits: torch.Tensor, adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 9-10: (fused tokens [N, P, D], router probabilities [N, P, E]) from the logits and the adapted
+        features [N, P, E, D]."""
         router_probs = top_k_router_probs(router_logits, self.config.router_top_k)  # [N, P, E]
-        adapted = [self.adapters[name](f) for name, f in zip(EXPERT_NAMES, projected, strict=True)]
-        adapted = torch.stack(adapted, dim=-2)  # [N, P, E, D]
         fused = (router_probs.unsqueeze(-1).to(adapted.dtype) * adapted).sum(dim=-2)  # [N, P, D]
-        return AstreaImageFeatures(pooler_output=fused, router_probs=router_probs)
+        return fused, router_probs
 
     def image_prompt_embeds(
         self,
@@ -910,6 +928,7 @@ class AstreaModel(AstreaPreTrainedModel):
         prompt_input_ids: torch.LongTensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        unprompted: bool = False,
         **kwargs,
     ) -> AstreaImageFeatures:
         """Fused visual tokens for a batch of images, from pixels or from precomputed `expert_features`.
@@ -919,7 +938,8 @@ class AstreaModel(AstreaPreTrainedModel):
         marking the prompt when the sequence also holds the answer); without it the router sees the image alone.
         The experts' features do not depend on the prompt: to ask a second question about the same images, keep
         `get_expert_features`' output and pass it back as `expert_features` with the new prompt (the experts do
-        not run again; the router does).
+        not run again; the router does). `unprompted=True` (per-token routing) also returns the tokens as routed
+        without the prompt, in `unprompted_pooler_output`, from the same projections.
 
         Returns an `AstreaImageFeatures` (a `BaseModelOutputWithPooling`): the fused tokens in `pooler_output`, the
         experts' own features in `last_hidden_state` (and per expert in `hidden_states` with
@@ -968,17 +988,19 @@ class AstreaModel(AstreaPreTrainedModel):
                     if self.training and dropout > 0:  # trains the prompt-free routing too
                         keep = torch.rand(prompt.shape[0], 1, device=prompt.device) >= dropout
                         prompt = prompt * keep.to(prompt.dtype)
-                output = self.fuse_expert_features(expert_features, prompt)
+                output = self.fuse_expert_features(expert_features, prompt, unprompted=unprompted)
             per_expert = tuple(expert_features[name] for name in EXPERT_NAMES if name in needed)
-        tokens = output.pooler_output
+        tokens, without_prompt = output.pooler_output, output.unprompted_pooler_output
         if self.image_position is not None:
             tokens = self.image_position(tokens)
+            without_prompt = None if without_prompt is None else self.image_position(without_prompt)
         # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
         return AstreaImageFeatures(
             last_hidden_state=torch.cat([t.to(per_expert[0].device) for t in per_expert], dim=-1),  # device_map
             pooler_output=tokens,
             hidden_states=per_expert if output_hidden_states else None,
             router_probs=output.router_probs,
+            unprompted_pooler_output=without_prompt,
         )
 
     def get_placeholder_mask(
@@ -1377,19 +1399,19 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             # The task-aware router mixes the experts by the question; MoCo's image side is the image alone, routed
             # without the prompt, as retrieval (get_image_embeddings) sees it. Routed on the prompt, the pooled
             # tokens would tell the question type, which the text side also carries: a match that needs no image.
+            # Both mixtures come from one pass of the projectors and adapters.
             images = self.model.get_image_features(
                 return_dict=True,
-                output_hidden_states=True,
                 expert_features=expert_features,
                 prompt_input_ids=input_ids,
                 prompt_attention_mask=attention_mask,
                 prompt_mask=kwargs.pop("router_prompt_mask"),
+                unprompted=True,
                 **pixels,
             )
             mm_encoder_outputs = {"image": images}
             pixels, expert_features = dict.fromkeys(pixels), None
-            own = dict(zip(EXPERT_NAMES, images.hidden_states, strict=True))
-            moco_images = self.model.get_image_features(return_dict=True, expert_features=own).pooler_output
+            moco_images = images.unprompted_pooler_output
         outputs = self.model(
             return_dict=True,
             input_ids=input_ids,

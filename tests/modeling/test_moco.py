@@ -249,3 +249,29 @@ def test_with_the_task_aware_router_the_image_side_is_the_image_routed_without_t
     alone = model.get_image_features(**pixels, return_dict=True).pooler_output
     torch.testing.assert_close(seen[0], alone)
     assert not torch.allclose(seen[0], lm_tokens[0])
+    # both mixtures come from one pass: each projector and adapter runs once per forward
+    calls = []
+    for module in [*model.model.projectors.values(), *model.model.adapters.values()]:
+        module.register_forward_hook(lambda module, args, output: calls.append(module))
+    model(input_ids=ids, labels=labels, **pixels)
+    assert len(calls) == 2 * len(model.model.projectors) and len(set(map(id, calls))) == len(calls)
+
+
+def test_fusion_returns_the_unprompted_mixture_from_the_same_projections(tiny_config):
+    """`fuse_expert_features(..., unprompted=True)`: the prompted tokens as without the flag, and beside them the
+    tokens that no prompt gives; without a prompt the two are the same."""
+    config = AstreaConfig.from_dict({**tiny_config.to_dict(), "router_prompt": True})
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(config).model.eval()
+    torch.nn.init.normal_(model.prompt_router.weight, std=5.0)
+    for adapter in model.adapters.values():  # leave the identity start so the mixture depends on the routing
+        torch.nn.init.normal_(adapter.up.weight, std=0.1)
+    features = model.get_expert_features(**random_pixels(config, 2))
+    prompt = torch.randn(2, config.text_config.hidden_size)
+    both = model.fuse_expert_features(features, prompt, unprompted=True)
+    torch.testing.assert_close(both.pooler_output, model.fuse_expert_features(features, prompt).pooler_output)
+    torch.testing.assert_close(both.unprompted_pooler_output, model.fuse_expert_features(features).pooler_output)
+    assert not torch.allclose(both.pooler_output, both.unprompted_pooler_output)
+    alone = model.fuse_expert_features(features, unprompted=True)
+    assert alone.unprompted_pooler_output is alone.pooler_output
+    assert model.fuse_expert_features(features, prompt).unprompted_pooler_output is None
