@@ -91,6 +91,12 @@ class Workspace:
 
 
 def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
+    from accelerate import PartialState
+
+    # under `accelerate launch`, the process group before anything shared on disk: the data files are written by
+    # rank 0 alone and the feature cache is filled in shares (without it every process was rank 0 of 1, and one
+    # process's cleanup of "its" unfinished shards deleted the other's)
+    PartialState()
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
