@@ -107,6 +107,9 @@ def main(out: Path) -> None:
     torch.save({"units": units, "sharded": sharded, "losses": losses, "grads": grads}, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(full, out / "weights.pt")
+    # both processes tear the process group down together: rank 1, done first (no weights to write), destroying it
+    # while rank 0 was still writing once aborted in gloo's teardown ("terminate called without an active exception")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
