@@ -46,8 +46,8 @@ class DataArgs:
     on_bad_row: str = "error"  # a bad row stops the run before training ("error") or is left out and counted
     max_length: int | None = None  # examples longer than this (in tokens) are bad rows; None: no limit
     # with `files`: up to this many of a training image's questions in one conversation, in a shuffled order (the
-    # image's visual tokens then serve every answer in it); 1: one per row and every eighth image's in pairs.
-    # Earlier turns can give later answers away (docs/training.md), so the demo keeps 1
+    # image's visual tokens then serve every answer in it; presence questions alone, as earlier turns would give
+    # them away); 1: one per row and every eighth image's in pairs. The demo asks 4 (docs/training.md)
     turns_per_row: int = 1
 
     def source_args(self) -> list:
