@@ -1296,13 +1296,30 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor,
         image_features: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        moco_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For each sample that has images and target text: its mean-pooled visual tokens, its text as the LLM reads
         it without the images (pooled over the answer tokens, which follow the instruction), and its text's id
-        (`text_hash` of the instruction and answer tokens): [B', D], [B', D], [B']."""
+        (`text_hash` of the instruction and answer tokens): [B', D], [B', D], [B'].
+
+        `moco_text` (`moco_input_ids`, `moco_attention_mask`, `moco_pool_mask`, [B, T'] each): a text of its own for
+        MoCo, e.g. the image's caption as the answer to a caption request, pooled over `moco_pool_mask`; a row whose
+        attention mask is all zeros keeps its own instruction and answer."""
         image_mask = input_ids == self.config.image_token_id  # [B, T]
         text_mask = ~image_mask if attention_mask is None else attention_mask.bool() & ~image_mask
         answer_mask = (labels != -100) & text_mask  # the target text
+        text_ids, read_mask, pool_mask = input_ids, text_mask, answer_mask
+        if moco_text is not None:
+            own_ids, own_read, own_pool = moco_text
+            own = own_read.bool().any(dim=1, keepdim=True)  # [B, 1]: rows with a MoCo text of their own
+            width = max(input_ids.shape[1], own_ids.shape[1])
+
+            def widen(tensor: torch.Tensor) -> torch.Tensor:
+                return F.pad(tensor, (0, width - tensor.shape[1]))
+
+            text_ids = torch.where(own, widen(own_ids), widen(input_ids))
+            read_mask = torch.where(own, widen(own_read.bool()), widen(text_mask))
+            pool_mask = torch.where(own, widen(own_pool.bool() & own_read.bool()), widen(answer_mask))
         images_per_sample = image_mask.sum(dim=1) // self.config.num_image_tokens  # [B]
         keep = (images_per_sample > 0) & answer_mask.any(dim=1)
         if not keep.any():
@@ -1315,8 +1332,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             len(input_ids), pooled_images.shape[-1], device=pooled_images.device, dtype=pooled_images.dtype
         ).index_add_(0, sample_of_image, pooled_images)
         visual = visual / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual.dtype)
-        text = self.encode_text(input_ids[keep], text_mask[keep], answer_mask[keep])
-        ids = [text_hash(row[mask].tolist()) for row, mask in zip(input_ids[keep], text_mask[keep], strict=True)]
+        text = self.encode_text(text_ids[keep], read_mask[keep], pool_mask[keep])
+        ids = [text_hash(row[mask].tolist()) for row, mask in zip(text_ids[keep], read_mask[keep], strict=True)]
         return visual[keep], text, torch.tensor(ids, device=input_ids.device)
 
     def get_image_embeddings(self, **image_inputs) -> torch.Tensor:
@@ -1379,8 +1396,17 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
+        moco_input_ids: torch.LongTensor | None = None,
+        moco_attention_mask: torch.Tensor | None = None,
+        moco_pool_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> AstreaCausalLMOutputWithPast:
+        r"""
+        moco_input_ids, moco_attention_mask, moco_pool_mask (`torch.Tensor` of shape `(batch_size, text_length)`):
+            MoCo's text for each row where it is not the row's own instruction and answer (training only): e.g. the
+            image's caption, as `AstreaCollator` writes it for examples with a `moco_text`; pooled over
+            `moco_pool_mask`. A row with an all-zero `moco_attention_mask` keeps its own text.
+        """
         if labels is not None and self.model.routes_on_prompt:
             kwargs.setdefault("router_prompt_mask", labels == -100)  # the router must not read the answer
         pixels = {
@@ -1442,7 +1468,10 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
                 pairs = None
                 if has_images:
                     images = outputs.image_hidden_states if moco_images is None else moco_images
-                    pairs = self._moco_pairs(input_ids, labels, images, attention_mask)
+                    moco_text = None
+                    if moco_input_ids is not None:
+                        moco_text = (moco_input_ids, moco_attention_mask, moco_pool_mask)
+                    pairs = self._moco_pairs(input_ids, labels, images, attention_mask, moco_text)
                 if pairs is not None:
                     loss_moco, moco_chance = self.moco(*pairs)  # Eq. 5-8
                     # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers'

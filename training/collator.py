@@ -220,7 +220,28 @@ class AstreaCollator:
             "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
             "labels": torch.tensor([label + [-100] * (length - len(label)) for label in labels]),
         }
-        return batch | self._features(keys)
+        return batch | self._moco_texts(examples) | self._features(keys)
+
+    def _moco_texts(self, examples: list[dict]) -> dict:
+        """Examples with a `moco_text` (an image's caption; pipeline.with_moco_captions): MoCo's text written as
+        retrieval reads a caption, the answer to CAPTION_PROMPT in the chat template, with the caption and its
+        end-of-turn token to pool over (`moco_pool_mask`). Rows without one are all padding and keep their own
+        text; no entries at all when no example has one."""
+        texts = [example.get("moco_text") for example in examples]
+        if not any(texts):
+            return {}
+        rows, pools = [], []
+        for text in texts:
+            ids, labels = ([], []) if not text else self.tokenize(caption_request(text))
+            rows.append(ids)
+            pools.append([label != -100 for label in labels])
+        length = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        return {
+            "moco_input_ids": torch.tensor([row + [pad] * (length - len(row)) for row in rows]),
+            "moco_attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
+            "moco_pool_mask": torch.tensor([pool + [False] * (length - len(pool)) for pool in pools]),
+        }
 
     def generation_inputs(self, examples: list[dict]) -> dict:
         """The conversations up to their last assistant turn (which the model is to write), padded on the left,
@@ -235,6 +256,11 @@ class AstreaCollator:
             self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         )
         return batch | self._features(keys)
+
+
+def caption_request(caption: str) -> list[dict]:
+    """A caption as the answer to CAPTION_PROMPT (no image): how MoCo and retrieval read an image's caption."""
+    return [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": caption}]
 
 
 def content_parts(content: str) -> list[dict]:

@@ -272,6 +272,19 @@ def conversation_examples(records: list[dict]) -> list[dict]:
     ]
 
 
+def with_moco_captions(examples: list[dict], captions: dict[str, str]) -> list[dict]:
+    """Examples about one image that has a caption (`captions`: image key -> caption) get it as `moco_text`, MoCo's
+    text for the pair (docs/design.md, MoCo): the image's description, where the row's own answers ("two", "left")
+    tell little about it. Other examples keep their instructions and answers as MoCo's text (`moco_text` None: every
+    example has the key, since `Dataset.from_list` takes its columns from the first example)."""
+    out = []
+    for example in examples:
+        keys = example.get("keys") or ([example["key"]] if "key" in example else [])
+        caption = captions.get(keys[0]) if len(keys) == 1 and not example.get("frames") else None
+        out.append({**example, "moco_text": caption or None})
+    return out
+
+
 def check_lengths(ws: Workspace) -> None:
     """With `data.max_length`, conversations longer than it (image tokens included) are bad rows: reported before
     training, never truncated inside an image's placeholders."""
@@ -701,12 +714,16 @@ def instruct(ws: Workspace) -> dict:
     train_model = apply_lora(model, spec, modules) if lora else model
     if ws.records is None:
         examples = instruction_examples(ws.data["train"], ws.keys["train"], spec.tasks)
+        captions = dict(zip(ws.keys["train"], ws.data["train"]["caption"], strict=True))
         heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
     else:
         examples = conversation_examples(ws.records["instruct"])
+        captions = {r["keys"][0]: r["caption"] for r in ws.records["prealign"] if r.get("caption")}
         heldout = conversation_examples([r for r in ws.records["eval"] if "messages" in r])[:128]
         if not examples:
             raise ValueError("No data.sources row feeds instruct (a source with phases: [instruct]).")
+    if spec.use_moco and spec.moco_captions:
+        examples = with_moco_captions(examples, captions)
     measure = (lambda: answer_accuracy(ws, heldout)) if heldout else None
     record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, measure)
     if lora and ws.save_stages:  # the folder holds the merged model; continue with it

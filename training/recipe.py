@@ -111,6 +111,9 @@ class InstructArgs(OptimArgs):
     router_top_k: int = 3  # Table 3
     train_projectors: bool = False  # the paper keeps them frozen after pre-alignment
     tasks: list[str] = field(default_factory=lambda: ["questions"])  # + "caption", "grounding" (collator.py)
+    # MoCo's text for an image is its caption where the data has one (a COCO captions or LLaVA-Pretrain source with
+    # the same image file, or the synthetic set's caption), else the row's own instructions and answers
+    moco_captions: bool = True
 
 
 @dataclass

@@ -236,7 +236,7 @@ def test_with_the_task_aware_router_the_image_side_is_the_image_routed_without_t
     torch.nn.init.normal_(model.model.prompt_router.weight, std=5.0)  # a router that follows the question
     pixels = random_pixels(config, 1)
     seen = []
-    model._moco_pairs = lambda ids, labels, images, mask: seen.append(images.detach().clone()) or None
+    model._moco_pairs = lambda ids, labels, images, mask, moco_text=None: seen.append(images.detach().clone()) or None
     lm_tokens = []
     for question in ([40, 41, 42, 43], [60, 61, 62, 63]):
         ids = torch.tensor([prompt_ids(config, question)])
@@ -275,3 +275,46 @@ def test_fusion_returns_the_unprompted_mixture_from_the_same_projections(tiny_co
     alone = model.fuse_expert_features(features, unprompted=True)
     assert alone.unprompted_pooler_output is alone.pooler_output
     assert model.fuse_expert_features(features, prompt).unprompted_pooler_output is None
+
+
+def test_a_moco_text_of_its_own_replaces_the_rows_text(tiny_config):
+    """With `moco_input_ids` (e.g. the image's caption), a row's MoCo text is that text read alone and pooled over
+    its `moco_pool_mask`, and its id is that text's: two conversations about images with the same caption are not
+    each other's negatives. A row whose MoCo attention mask is all zeros keeps its own instruction and answer."""
+    from modeling_astrea.modeling_astrea import text_hash
+
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(tiny_config).eval()
+    first = prompt_ids(tiny_config, [40, 41, 42, 43])
+    second = prompt_ids(tiny_config, [40, 45, 46, 47])
+    ids = torch.tensor([first, second, first])
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    features = torch.randn(3, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
+    caption = [50, 51, 52, 53, 54]
+    moco_ids = torch.tensor([caption, caption, [0] * 5])
+    moco_attention = torch.tensor([[1] * 5, [1] * 5, [0] * 5])
+    moco_pool = torch.tensor([[False, False, True, True, True]] * 2 + [[False] * 5])
+    _, text, text_ids = model._moco_pairs(ids, labels, features, None, (moco_ids, moco_attention, moco_pool))
+    with torch.no_grad():
+        hidden = model.model.language_model(input_ids=torch.tensor([caption])).last_hidden_state[0]
+    torch.testing.assert_close(text[0], hidden[2:].mean(dim=0))
+    torch.testing.assert_close(text[1], text[0])
+    assert text_ids[0] == text_ids[1] == text_hash(caption)
+    _, own_text, own_ids = model._moco_pairs(ids[2:], labels[2:], features[2:])
+    torch.testing.assert_close(text[2], own_text[0])
+    assert text_ids[2] == own_ids[0] != text_ids[0]
+    # the forward pass takes the collator's names for them
+    model.train()
+    output = model(
+        input_ids=ids,
+        labels=labels,
+        expert_features={
+            name: torch.randn(3, tiny_config.num_image_tokens, width)
+            for name, width in tiny_config.expert_hidden_sizes.items()
+        },
+        moco_input_ids=moco_ids,
+        moco_attention_mask=moco_attention,
+        moco_pool_mask=moco_pool,
+    )
+    assert torch.isfinite(output.loss_moco)

@@ -145,3 +145,35 @@ def test_a_video_is_one_image_per_frame_as_the_processor_writes_it(processor):
     assert ours == theirs
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert ours.count(image_token) == 3 * processor.num_image_tokens
+
+
+def test_a_moco_caption_is_written_as_a_caption_request_and_pooled_over_the_caption(processor):
+    """An example with a `moco_text` (its image's caption) gets MoCo's text in `moco_input_ids`: the caption as the
+    answer to the caption request, written as retrieval writes it, pooled over the caption and its end-of-turn
+    token; a row without one is all padding there (the model then keeps the row's own text)."""
+    from astrea.training.collator import caption_request
+    from astrea.training.data import CAPTION_PROMPT
+
+    collator = AstreaCollator(processor, Cache())
+    caption = "A large red circle and a small blue square."
+    examples = [
+        {"key": "k1", "prompt": "How many objects are there?", "answer": "two", "moco_text": caption},
+        {"key": "k2", "prompt": "What shape?", "answer": "square"},
+    ]
+    batch = collator(examples)
+    written = [
+        {"role": "user", "content": [{"type": "text", "text": CAPTION_PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+    ]
+    decode = processor.tokenizer.decode
+    first = batch["moco_input_ids"][0][batch["moco_attention_mask"][0].bool()].tolist()
+    eos = processor.tokenizer.eos_token
+    assert decode(first) == processor.apply_chat_template(written).removesuffix("\n")  # as retrieval writes it
+    assert decode(first).endswith(caption + eos)
+    pooled = batch["moco_input_ids"][0][batch["moco_pool_mask"][0]].tolist()
+    assert decode(pooled).strip() == caption + eos
+    assert first == collator.tokenize(caption_request(caption))[0]
+    assert not batch["moco_attention_mask"][1].any() and not batch["moco_pool_mask"][1].any()
+    # the conversation itself is unchanged, and a batch without captions has no MoCo texts
+    without = collator([{k: v for k, v in examples[0].items() if k != "moco_text"}, examples[1]])
+    assert torch.equal(without["input_ids"], batch["input_ids"]) and "moco_input_ids" not in without

@@ -284,3 +284,32 @@ def test_the_accuracy_table_reports_types_by_subgroup():
     assert "| colour | 75.0% | 16.7% | 4 |" in table
     assert "colour by subgroup: 1 object 100.0% (2), 2 objects 50.0% (2)" in table
     assert table.count("by subgroup") == 1
+
+
+def test_moco_reads_the_coco_caption_of_each_conversations_image(exported, tmp_path):
+    """Instruction tuning's examples about one image carry that image's caption from the COCO captions file (matched
+    by the image, not the row) as MoCo's text; text-only rows carry none. The instruct stage gives them to the
+    collator, whose batches then hold MoCo's caption texts."""
+    _, dataset, sources = exported
+    ws = pipeline.prepare(source_recipe(tmp_path, sources))
+    captions = {r["keys"][0]: r["caption"] for r in ws.records["prealign"] if r.get("caption")}
+    records = ws.records["instruct"]
+    examples = pipeline.with_moco_captions(pipeline.conversation_examples(records), captions)
+    with_image = 0
+    for record, example in zip(records, examples, strict=True):
+        if not record["keys"]:
+            assert example["moco_text"] is None  # the key is there (Dataset.from_list reads the first row's keys)
+            continue
+        with_image += 1
+        index = int(record["id"].split("-")[1])  # export.py's row ids: train-<image index>-<row>
+        assert example["moco_text"] == dataset["train"][index]["caption"]
+    assert with_image > len(dataset["train"])  # several conversations per image, each with its image's caption
+    from datasets import Dataset
+
+    text_only = {"keys": [], "messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "hi"}]}
+    text_only = pipeline.with_moco_captions([{**text_only, "frames": [], "type": "text"}], captions)[0]
+    assert text_only["moco_text"] is None
+    first_without = Dataset.from_list([text_only, *examples[:3]])  # as the stage builds its data set
+    batch = ws.collator(list(first_without))
+    assert batch["moco_attention_mask"].shape[0] == 4
+    assert not batch["moco_attention_mask"][0].any() and batch["moco_attention_mask"][1:].any(dim=1).all()
