@@ -30,6 +30,7 @@ from modeling_astrea.modeling_astrea import AstreaAlignment
 from .collator import (
     AstreaCollator,
     annotation_target,
+    as_conversation,
     instruction_examples,
     prealign_examples,
     question_examples,
@@ -279,8 +280,8 @@ def with_moco_captions(examples: list[dict], captions: dict[str, str]) -> list[d
     example has the key, since `Dataset.from_list` takes its columns from the first example)."""
     out = []
     for example in examples:
-        keys = example.get("keys") or ([example["key"]] if "key" in example else [])
-        caption = captions.get(keys[0]) if len(keys) == 1 and not example.get("frames") else None
+        keys, _, frames = as_conversation(example)
+        caption = captions.get(keys[0]) if len(keys) == 1 and not frames else None
         out.append({**example, "moco_text": caption or None})
     return out
 
