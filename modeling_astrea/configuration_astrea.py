@@ -193,6 +193,9 @@ class AstreaConfig(PreTrainedConfig):
         `get_image_features` on pixels alone) the bias is zero. Token mode only.
     router_prompt_dropout (`float`): in training, the share of images routed without their prompt, so that the
         prompt-free routing (what vLLM serves) is trained too.
+    router_aux_loss_coef (`float`): weight of the router's load-balancing loss (`load_balancing_loss`, the Switch
+        Transformer's), added to the instruction-tuning loss; 0 (the default) leaves it out. An expert outside every
+        token's top-k gets no gradient through Eq. 9 and can stay unused for good; this term gives it one.
     image_position_embedding (`bool`): add a learned, zero-initialised row and column embedding to every visual token
         (an option of ours; docs/design.md), for experts whose features say little about where a token is.
     adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
@@ -238,6 +241,7 @@ class AstreaConfig(PreTrainedConfig):
     router_mode: str = "token"
     router_prompt: bool = False
     router_prompt_dropout: float = 0.1
+    router_aux_loss_coef: float = 0.0
     image_position_embedding: bool = False
     adapter_hidden_size: int = 1024
     projector_hidden_act: str = "gelu"
@@ -310,6 +314,8 @@ class AstreaConfig(PreTrainedConfig):
             problems.append("router_prompt=True is for router_mode='token' (router_mode='sample' reads the prompt)")
         if not 0.0 <= self.router_prompt_dropout <= 1.0:
             problems.append(f"router_prompt_dropout={self.router_prompt_dropout} must be in [0, 1]")
+        if not self.router_aux_loss_coef >= 0.0:
+            problems.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be 0 or more")
         if self.image_grid_size < 1:
             problems.append(f"image_grid_size={self.image_grid_size} must be positive")
         if self.adapter_hidden_size < 1 or self.moco_embed_dim < 1 or self.moco_queue_size < 1:

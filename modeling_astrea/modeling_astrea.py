@@ -80,10 +80,14 @@ class AstreaImageFeatures(BaseModelOutputWithPooling):
     unprompted_pooler_output (`torch.FloatTensor`, shaped as `pooler_output`; only when asked for with
         `unprompted=True`): the same images' tokens routed without the prompt, from the same projections: what
         `pooler_output` is when no prompt is given, and MoCo's image side in training.
+    router_logits (`torch.FloatTensor`, shaped as `router_probs`; `(num_images, 1, num_experts)` with
+        `router_mode="sample"`): the router's logits before the top-k (Eq. 9), prompt bias included; what the
+        load-balancing loss reads (`config.router_aux_loss_coef`).
     """
 
     router_probs: torch.FloatTensor | None = None
     unprompted_pooler_output: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -94,6 +98,8 @@ class AstreaModelOutputWithPast(ModelOutput):
     hidden_states, attentions: as returned by the LLM when asked for.
     image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens merged into the input.
     router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
+    router_logits (`(num_images, num_image_tokens, num_experts)`; one row per image with `router_mode="sample"`):
+        the router's logits before the top-k.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -102,14 +108,18 @@ class AstreaModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
 
 
 @dataclass
 class AstreaCausalLMOutputWithPast(ModelOutput):
     """
-    loss (`()`): L_total = L_reg + mu * L_moco (Eq. 11) when `labels` are given (L_reg alone without MoCo).
+    loss (`()`): L_total = L_reg + mu * L_moco (Eq. 11) when `labels` are given (L_reg alone without MoCo), plus
+        `config.router_aux_loss_coef` * `loss_balance` when that is above 0.
     loss_reg (`()`): the language-modelling loss L_reg (Eq. 1).
     loss_moco (`()`): the momentum-contrastive loss L_moco (Eq. 7); None when MoCo is off or there are no images.
+    loss_balance (`()`): the router's load-balancing loss (`load_balancing_loss`; 1 when the experts are used
+        evenly); only with `config.router_aux_loss_coef` > 0, in instruction tuning, when there are images.
     logits (`(batch_size, sequence_length, vocab_size)`): LM head scores.
     past_key_values, hidden_states, attentions: as returned by the LLM.
     image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens.
@@ -128,6 +138,8 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
     moco_chance: torch.FloatTensor | None = None
+    loss_balance: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -399,6 +411,20 @@ def top_k_router_probs(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     logits = router_logits.float()
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(top_k, dim=-1).indices, True)
     return logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+
+
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Switch Transformer's load-balancing loss for a top-k router: E * sum_e f_e * P_e over the tokens of
+    `router_logits` ([..., E]), where f_e is the share of the tokens' k places that expert e fills and P_e its mean
+    probability under a softmax over all E logits. 1 when the experts are used evenly, up to E / k when the same k
+    take every token. Only P_e carries a gradient, and it reaches every logit, the dropped experts' too: Eq. 9's
+    softmax over the top k gives an expert outside them none, so one that starts out of favour stays there."""
+    logits = router_logits.float().flatten(0, -2)  # [tokens, E]
+    experts = logits.shape[-1]
+    chosen = torch.zeros_like(logits).scatter(-1, logits.topk(top_k, dim=-1).indices, 1.0)
+    filled = chosen.mean(dim=0) / top_k  # f_e, summing to 1
+    probability = logits.softmax(dim=-1).mean(dim=0)  # P_e
+    return experts * (filled * probability).sum()
 
 
 class AstreaResidualAttention(nn.Module):
@@ -810,7 +836,10 @@ class AstreaModel(AstreaPreTrainedModel):
         if unprompted and without_prompt is None:  # no prompt was read: the tokens are already the unprompted ones
             without_prompt = fused
         return AstreaImageFeatures(
-            pooler_output=fused, router_probs=router_probs, unprompted_pooler_output=without_prompt
+            pooler_output=fused,
+            router_probs=router_probs,
+            unprompted_pooler_output=without_prompt,
+            router_logits=router_logits,
         )
 
     def _mix(self, router_logits: torch.Tensor, adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -886,7 +915,12 @@ class AstreaModel(AstreaPreTrainedModel):
             weight = probs[rows, index].to(projected.dtype)[:, None, None]
             fused = fused.index_add(0, rows, weight * self.adapters[name](projected))
         router_probs = probs[:, None, :].expand(-1, caption.shape[1], -1)
-        return AstreaImageFeatures(last_hidden_state=global_features, pooler_output=fused, router_probs=router_probs)
+        return AstreaImageFeatures(
+            last_hidden_state=global_features,
+            pooler_output=fused,
+            router_probs=router_probs,
+            router_logits=logits[:, None, :],  # one routing per image: one row each for load balancing
+        )
 
     def compile_fusion(self, **compile_kwargs) -> None:
         """Compiles the fusion block (projectors, router, adapters and the mixture of Eq. 10) with `torch.compile`
@@ -1001,6 +1035,7 @@ class AstreaModel(AstreaPreTrainedModel):
             hidden_states=per_expert if output_hidden_states else None,
             router_probs=output.router_probs,
             unprompted_pooler_output=without_prompt,
+            router_logits=output.router_logits,
         )
 
     def get_placeholder_mask(
@@ -1083,13 +1118,14 @@ class AstreaModel(AstreaPreTrainedModel):
             )
 
         # 4. merge: fused visual tokens replace the image placeholders
-        image_features = router_probs = None
+        image_features = router_probs = router_logits = None
         if (image_output := mm_encoder_outputs.get("image")) is not None:
             image_features = image_output.pooler_output
             if isinstance(image_features, (list, tuple)):
                 image_features = torch.stack(list(image_features))
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # [N, P, D]
             router_probs = getattr(image_output, "router_probs", None)
+            router_logits = getattr(image_output, "router_logits", None)
             mask = self.get_placeholder_mask(input_ids, image_features, inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
         elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
@@ -1113,6 +1149,7 @@ class AstreaModel(AstreaPreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             router_probs=router_probs,
+            router_logits=router_logits,
         )
 
 
@@ -1455,7 +1492,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = loss_reg = loss_moco = moco_chance = None
+        loss = loss_reg = loss_moco = moco_chance = loss_balance = None
         if labels is not None:
             loss_reg = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
@@ -1464,6 +1501,12 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             # MoCo belongs to instruction tuning (Sec. 3.2.1); pre-alignment stages train on L_reg alone
             aligning = self.model.alignment is not None
             has_images = outputs.image_hidden_states is not None and input_ids is not None
+            # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers' Trainer
+            # passes it), L_reg is this micro-batch's token sum over that count, and the other terms are weighted
+            # by the same share: the micro-batches' losses then add up to the batch's loss.
+            share = 1.0
+            if kwargs.get("num_items_in_batch") is not None:
+                share = (labels[..., 1:] != -100).sum() / kwargs["num_items_in_batch"]
             if self.config.use_moco and not aligning:
                 pairs = None
                 if has_images:
@@ -1474,15 +1517,13 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
                     pairs = self._moco_pairs(input_ids, labels, images, attention_mask, moco_text)
                 if pairs is not None:
                     loss_moco, moco_chance = self.moco(*pairs)  # Eq. 5-8
-                    # With `num_items_in_batch` (the label tokens of the whole accumulated batch, as transformers'
-                    # Trainer passes it), L_reg is this micro-batch's token sum over that count, and MoCo is
-                    # weighted by the same share: the micro-batches' losses then add up to the batch's loss.
-                    share = 1.0
-                    if kwargs.get("num_items_in_batch") is not None:
-                        share = (labels[..., 1:] != -100).sum() / kwargs["num_items_in_batch"]
                     loss = loss_reg + self.config.moco_weight * share * loss_moco  # Eq. 11
                 elif self.training:  # no pairs here, but other processes may have some
                     loss = loss_reg + self.moco.skip()
+            coefficient = self.config.router_aux_loss_coef
+            if coefficient > 0 and not aligning and outputs.router_logits is not None:
+                loss_balance = load_balancing_loss(outputs.router_logits, self.config.router_top_k)
+                loss = loss + coefficient * share * loss_balance
 
         return AstreaCausalLMOutputWithPast(
             loss=loss,
@@ -1495,6 +1536,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             router_probs=outputs.router_probs,
             moco_chance=moco_chance,
+            loss_balance=loss_balance,
+            router_logits=outputs.router_logits,
         )
 
 
@@ -1511,5 +1554,6 @@ __all__ = [
     "AstreaMoCo",
     "AstreaPreTrainedModel",
     "AstreaResidualAttention",
+    "load_balancing_loss",
     "top_k_router_probs",
 ]

@@ -396,7 +396,7 @@ class AstreaSFTTrainer(SFTTrainer):
         counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, use_cache=False, **counted)
         mode = "train" if model.training else "eval"
-        for name in ("loss_reg", "loss_moco", "moco_chance"):
+        for name in ("loss_reg", "loss_moco", "moco_chance", "loss_balance"):
             value = getattr(outputs, name, None)
             if value is None:
                 continue

@@ -5,7 +5,7 @@ import torch
 from astrea_testing import random_pixels
 
 from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGeneration
-from modeling_astrea.modeling_astrea import AstreaResidualAttention, top_k_router_probs
+from modeling_astrea.modeling_astrea import AstreaResidualAttention, load_balancing_loss, top_k_router_probs
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
@@ -52,6 +52,50 @@ def test_router_probabilities_per_image_are_in_the_output(tiny_model, tiny_confi
     output = tiny_model(input_ids=ids, **random_pixels(tiny_config, 2))
     assert output.router_probs.shape == (2, tiny_config.num_image_tokens, 4)
     torch.testing.assert_close(output.router_probs.sum(-1), torch.ones(2, tiny_config.num_image_tokens))
+
+
+class TestLoadBalancing:
+    def test_even_use_scores_one_and_one_chosen_set_scores_its_probability_mass(self):
+        # four tokens, each dropping a different expert: every expert fills 3 of the 12 places
+        logits = torch.full((4, 4), 2.0).fill_diagonal_(-1.0)
+        torch.testing.assert_close(load_balancing_loss(logits, 3), torch.tensor(1.0))
+        # every token keeps experts 0, 1, 3 (f = 1/3 each): E * (P_0 + P_1 + P_3) / 3 = 4/3 * (1 - P_2)
+        logits = torch.tensor([[1.0, 0.5, -2.0, 0.2], [0.3, 2.0, -1.0, 1.0]])
+        probability = logits.softmax(-1).mean(0)
+        expected = 4 / 3 * (1 - probability[2])
+        torch.testing.assert_close(load_balancing_loss(logits[None], 3), expected)
+
+    def test_an_expert_outside_every_top_k_is_pulled_back(self):
+        logits = torch.tensor([[1.0, 0.5, -2.0, 0.2], [0.3, 2.0, -1.0, 1.0]], requires_grad=True)
+        load_balancing_loss(logits, 3).backward()
+        assert (logits.grad[:, 2] < 0).all()  # a step of descent raises the dropped expert's logit
+        logits.grad = None  # while through Eq. 9 alone it gets no gradient at all
+        (top_k_router_probs(logits, 3) * torch.randn(2, 4)).sum().backward()
+        assert (logits.grad[:, 2] == 0).all() and (logits.grad[:, [0, 1, 3]] != 0).all()
+
+    @pytest.mark.parametrize("mode", ["token", "sample"])
+    def test_training_loss_adds_the_weighted_term_and_reports_it(self, tiny_config, mode):
+        ids = torch.tensor([[1] + [tiny_config.image_token_id] * tiny_config.num_image_tokens + [40, 41, 42]])
+        labels = ids.clone().masked_fill(ids == tiny_config.image_token_id, -100)
+        pixels = random_pixels(tiny_config, 1)
+        losses = {}
+        for coefficient in (0.0, 0.5):
+            config = AstreaConfig.from_dict(
+                {**tiny_config.to_dict(), "router_aux_loss_coef": coefficient, "use_moco": False, "router_mode": mode}
+            )
+            torch.manual_seed(0)
+            model = AstreaForConditionalGeneration(config).eval()
+            losses[coefficient] = model(input_ids=ids, labels=labels, **pixels)
+        assert losses[0.0].loss_balance is None
+        balance = losses[0.5].loss_balance
+        torch.testing.assert_close(balance, load_balancing_loss(losses[0.5].router_logits, tiny_config.router_top_k))
+        torch.testing.assert_close(losses[0.5].loss, losses[0.0].loss + 0.5 * balance)
+        rows = tiny_config.num_image_tokens if mode == "token" else 1  # one routing per image in sample mode
+        assert losses[0.5].router_logits.shape == (1, rows, 4)
+
+    def test_a_negative_coefficient_is_refused(self, tiny_config):
+        with pytest.raises(ValueError, match="router_aux_loss_coef"):
+            AstreaConfig.from_dict({**tiny_config.to_dict(), "router_aux_loss_coef": -0.1})
 
 
 class TestResidualAttention:
