@@ -210,6 +210,9 @@ class AstreaConfig(PreTrainedConfig):
         as `AstreaForConditionalGeneration.from_experts` records it; model cards list them.
     use_moco, moco_embed_dim, moco_queue_size, moco_momentum, moco_temperature, moco_lambda, moco_weight:
         the momentum-contrastive loss (Eq. 5-8, 11); see the module docstring for the symbols.
+    moco_train_fusion (`bool`): whether L_moco's gradient reaches the fusion (router and adapters) through its
+        image side, as in the paper (the default); False trains MoCo's own heads only, on the fused tokens as the
+        language-modelling loss shapes them (docs/design.md).
     residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
     """
 
@@ -258,6 +261,7 @@ class AstreaConfig(PreTrainedConfig):
     moco_temperature: float = 0.07
     moco_lambda: float = 0.5
     moco_weight: float = 0.1
+    moco_train_fusion: bool = True
 
     residual_gamma: float = 1.0
     residual_prob: float = 0.5

@@ -1511,6 +1511,8 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
                 pairs = None
                 if has_images:
                     images = outputs.image_hidden_states if moco_images is None else moco_images
+                    if not self.config.moco_train_fusion:
+                        images = images.detach()  # MoCo's heads learn; the fusion is left to L_reg
                     moco_text = None
                     if moco_input_ids is not None:
                         moco_text = (moco_input_ids, moco_attention_mask, moco_pool_mask)

@@ -6,8 +6,9 @@
   h]` in pixels, one category per colour-and-shape label, masks as compressed RLE, and each image entry's `tags`,
   the extension `astrea-data label` also writes);
 - `llava_<split>.json` (LLaVA conversation JSON): the training split's questions about an image as single turns
-  and (every eighth image) two-turn conversations, or `turns_per_row` of them to a conversation in a shuffled
-  order (presence questions alone); a request for the caption of every fourth image, a few
+  and (every eighth image) two-turn conversations, or up to `turns_per_row` of them to a conversation in a
+  shuffled order, grouped so that no turn gives a later one's answer away (`conversation_groups`); a request for
+  the caption of every fourth image, a few
   text-only rows, and the held-out splits' questions one per row with their `category` (the question type, which
   evaluation groups by; "colour (unseen renderer)" and so on for the split drawn in `UNSEEN_STYLE`) and
   `subgroup` (how many objects the image has, which evaluation also reports each type by).
@@ -60,10 +61,7 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0,
         if split == "train":
             if turns_per_row > 1:  # several of the image's questions per row, in a shuffled order
                 order.shuffle(questions)
-                # a presence question alone: earlier turns that name the image's objects would give its answer away
-                alone = [[q] for q in questions if q["type"] == "presence"]
-                rest = [q for q in questions if q["type"] != "presence"]
-                groups = [rest[i : i + turns_per_row] for i in range(0, len(rest), turns_per_row)] + alone
+                groups = conversation_groups(questions, row["labels"], turns_per_row)
             elif index % 8 == 0:  # one per row, but every eighth image's in pairs: multi-turn rows in the mix
                 groups = [questions[i : i + 2] for i in range(0, len(questions), 2)]
             else:
@@ -114,6 +112,50 @@ def export_split(rows, split: str, folder: Path, image_size: int, seed: int = 0,
         {"images": coco_images, "annotations": instances, "categories": category_list},
     )
     write_json(folder / f"llava_{split}.json", conversations)
+
+
+#: question types whose answer an earlier turn of the same conversation could give away: the colour or the shape of
+#: an object another turn describes, whether a described object is there, how many objects turns have named
+GIVEN_AWAY = ("count", "colour", "shape", "presence")
+
+
+def question_objects(qa: dict, labels: list[str]) -> set[str]:
+    """The image's objects (their "colour shape" labels) that a turn about them could give a `GIVEN_AWAY` question's
+    answer away for: a colour or shape question's object (the one its question and answer describe together), and
+    for a presence question every object of the colour or the shape it asks about (answered "no", that an object of
+    its colour has another shape is the answer). Empty for count questions and the other types."""
+    words = set(qa["question"].rstrip("?").split())
+    objects = set()
+    for label in labels:
+        colour, shape = label.split(" ", 1)
+        if qa["type"] == "colour" and qa["answer"] == colour and shape in words:
+            objects.add(label)
+        elif qa["type"] == "shape" and qa["answer"] == shape and colour in words:
+            objects.add(label)
+        elif qa["type"] == "presence" and (colour in words or shape in words):
+            objects.add(label)
+    return objects
+
+
+def conversation_groups(questions: list[dict], labels: list[str], turns: int) -> list[list[dict]]:
+    """An image's questions (in their order) as conversations of up to `turns` questions in which no earlier turn
+    gives a later answer away: every conversation opens with its `GIVEN_AWAY` questions (a count question first),
+    no two of them about the same object (`question_objects`), and its other questions (left/right, which is
+    largest: answers that no description gives) follow, at most one question comparing two objects' places in each
+    (the same pair asked the other way round has the opposite answer). Every question is asked once."""
+    groups: list[tuple[list[dict], set[str]]] = []  # the questions; the objects they are about, "position" if asked
+    first = sorted((q for q in questions if q["type"] in GIVEN_AWAY), key=lambda q: q["type"] != "count")
+    rest = [q for q in questions if q["type"] not in GIVEN_AWAY]
+    for qa in first + rest:
+        about = question_objects(qa, labels) | ({"position"} if qa["type"] == "position" else set())
+        for asked, objects in groups:
+            if len(asked) < turns and not about & objects:
+                asked.append(qa)
+                objects |= about
+                break
+        else:
+            groups.append(([qa], about))
+    return [asked for asked, _ in groups]
 
 
 def objects_group(count: int) -> str:

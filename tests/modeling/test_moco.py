@@ -155,6 +155,25 @@ def test_loss_in_forward_is_reg_plus_mu_moco(tiny_config):
     torch.testing.assert_close(out.loss, out.loss_reg)
 
 
+@pytest.mark.parametrize("train_fusion", [True, False])
+def test_moco_train_fusion_decides_whether_moco_reaches_the_router_and_adapters(tiny_config, train_fusion):
+    config = AstreaConfig.from_dict({**tiny_config.to_dict(), "moco_train_fusion": train_fusion})
+    ids = torch.tensor([prompt_ids(config, [40, 41, 42, 43]), prompt_ids(config, [50, 51, 52, 53])])
+    labels = ids.masked_fill(ids == config.image_token_id, -100)
+    torch.manual_seed(0)
+    model = AstreaForConditionalGeneration(config).train()
+    for adapter in model.model.adapters.values():  # away from the identity start, so every adapter weight matters
+        torch.nn.init.normal_(adapter.up.weight, std=0.1)
+    out = model(input_ids=ids, labels=labels, **random_pixels(config, 2))
+    fusion = [model.model.router.weight, *(a.down.weight for a in model.model.adapters.values())]
+    moco_grads = torch.autograd.grad(out.loss_moco, [*fusion, model.moco.head[0].weight], allow_unused=True)
+    *fusion_grads, head_grad = moco_grads
+    assert head_grad is not None and head_grad.abs().sum() > 0  # MoCo's own image head learns either way
+    reached = [g is not None and bool(g.abs().sum() > 0) for g in fusion_grads]
+    assert reached == [train_fusion] * len(fusion)
+    torch.testing.assert_close(out.loss, out.loss_reg + config.moco_weight * out.loss_moco)
+
+
 def test_processes_with_different_pair_counts_and_one_with_none_share_one_queue(tmp_path):
     """Two CPU processes: 2 and 1 pairs in the first step, 1 and none (a text-only batch) in the second. Keys of
     different counts are gathered, the process without pairs still joins the exchange (the others would wait for

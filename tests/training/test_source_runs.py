@@ -62,12 +62,15 @@ def test_conversations_hold_multi_turn_and_text_only_rows(exported):
 
 def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_turns(tmp_path):
     """data.turns_per_row: every training question is asked exactly once, at most that many to a conversation about
-    one image (a presence question alone, as earlier turns could give it away), and the image's questions are not
-    all kept in their drawn order."""
-    dataset = build_dataset(12, 2, 64, seed=3)
+    one image, the image's questions not all in their drawn order, and no earlier turn of a conversation gives a
+    later answer away: a colour or shape question follows no turn that names its object's colour and shape, a
+    presence question no turn that names its colour or its shape, a count question no turn at all, and a pair's
+    places are compared once (the other way round is the opposite answer)."""
+    dataset = build_dataset(40, 2, 64, seed=3)
     sources = export_synthetic(dataset, tmp_path, turns_per_row=4)
     rows = read_source(SourceArgs(**sources[2]), BadRows())
     asked: dict[str, list] = {}
+    checked = {"colour": 0, "shape": 0, "presence": 0, "count": 0}
     for row in rows:
         if not row["images"] or CAPTION_PROMPT in str(row["messages"][0]["content"]):
             continue
@@ -76,10 +79,25 @@ def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_tur
             for user, reply in zip(row["messages"][::2], row["messages"][1::2], strict=True)
         ]
         assert 1 <= len(pairs) <= 4 and row["messages"][0]["role"] == "user"
-        if any(question.startswith("Is there a") for question, _ in pairs):  # presence: asked alone
-            assert len(pairs) == 1
+        for turn, (question, answer) in enumerate(pairs):
+            earlier = [set(f"{q} {a}".replace("?", "").split()) for q, a in pairs[:turn]]
+            words = question.rstrip("?").split()
+            if question.startswith("What colour is the "):  # its shape and its answer, named together before
+                kind, given_away = "colour", any({words[-1], answer} <= said for said in earlier)
+            elif question.startswith("What shape is the "):
+                kind, given_away = "shape", any({words[-2], answer} <= said for said in earlier)
+            elif question.startswith("Is there a "):
+                kind, given_away = "presence", any({words[-2], words[-1]} & said for said in earlier)
+            elif question.startswith("How many"):
+                kind, given_away = "count", turn > 0
+            else:
+                continue
+            assert not given_away, pairs
+            checked[kind] += turn > 0 or kind == "count"
+        assert sum(" left or right of " in q for q, _ in pairs) <= 1, pairs
         asked.setdefault(Path(row["images"][0]).name, []).extend(pairs)
     assert max(len(r["messages"]) for r in rows) == 8
+    assert all(checked.values()), checked  # each kind was asked after another turn (count: first) somewhere
     reordered = 0
     for index, example in enumerate(dataset["train"]):
         drawn = [(q["question"], q["answer"]) for q in example["questions"]]
