@@ -52,11 +52,15 @@ def build_model(recipe: Recipe):
     """The model (random or `model.pretrained`) and its processor, with the recipe's overrides applied."""
     spec = recipe.model
     processor = AutoProcessor.from_pretrained(spec.pretrained or spec.config)
+    overrides = {**spec.overrides, "text_config": {**spec.overrides.get("text_config", {}), **spec.text_overrides}}
     if spec.pretrained:
-        model = AstreaForConditionalGeneration.from_pretrained(spec.pretrained)
+        # the overrides apply to a model folder's config too (`--model DIR --set model.overrides.X=...`): weights
+        # that a new field adds start as a fresh model's do, and one whose shape changes is refused by the loader
+        config = AstreaConfig.from_pretrained(spec.pretrained)
+        config = AstreaConfig.from_dict(deep_merge(config.to_dict(), overrides))
+        model = AstreaForConditionalGeneration.from_pretrained(spec.pretrained, config=config)
     else:
         config = AstreaConfig.from_pretrained(spec.config)
-        overrides = {**spec.overrides, "text_config": {**spec.overrides.get("text_config", {}), **spec.text_overrides}}
         if not recipe.prealign.joint:  # a residual attention for every stage after the first, in this order
             overrides.setdefault("residual_experts", list(recipe.prealign.order[1:]))
         config = AstreaConfig.from_dict(deep_merge(config.to_dict(), overrides))
@@ -556,7 +560,8 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         trained = {key for key, parameter in target.named_parameters() if parameter.requires_grad}
         if lora:  # merging changed the LLM's weights, which are frozen under the adapters
             trained |= {key for key, _ in target.named_parameters() if key.startswith("model.language_model.")}
-        save_model_folder(target, stage_dir / "model", trained=(stage_dir / TRAINED_FILE, trained))
+        # with the processor: a stage's folder is a whole model folder (`astrea-train instruct --model` takes it)
+        save_model_folder(target, stage_dir / "model", ws.processor, trained=(stage_dir / TRAINED_FILE, trained))
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=1))
     return record

@@ -240,14 +240,18 @@ def test_the_resumed_run_ends_where_an_uninterrupted_one_does(killed_and_resumed
 
 
 def test_instruct_from_a_model_folder_on_the_command_line(killed_and_resumed):
-    """`astrea-train instruct --model DIR`: starts from that folder's weights (the projectors, which instruction
-    tuning keeps frozen, come out unchanged), trains, evaluates and prints the table."""
+    """`astrea-train instruct --model DIR`, DIR the last pre-alignment stage's folder (as astrea-13b.yaml says):
+    starts from that folder's weights (the projectors, which instruction tuning keeps frozen, come out unchanged),
+    with the `--set model.overrides` given on top of its config, trains, evaluates and prints the table."""
     root, recipe_file, *_ = killed_and_resumed
-    source = root / "run" / "model"
+    source = root / "run" / "stages" / "4-segmentation" / "model"
     result = astrea_train(
-        "instruct", "--recipe", str(recipe_file), "--model", str(source), "--output-dir", str(root / "sft")
-    )
+        "instruct", "--recipe", str(recipe_file), "--model", str(source), "--output-dir", str(root / "sft"),
+        "--set", "model.overrides.router_aux_loss_coef=0.25",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert AstreaForConditionalGeneration.from_pretrained(source).config.router_aux_loss_coef == 0.0
+    assert json.loads((root / "sft" / "model" / "config.json").read_text())["router_aux_loss_coef"] == 0.25
     assert "| question type | accuracy | chance | n |" in result.stdout
     metrics = json.loads((root / "sft" / "metrics.json").read_text())
     assert [stage["stage"] for stage in metrics["stages"]] == ["instruct"]
