@@ -58,7 +58,15 @@ def build_model(recipe: Recipe):
         # that a new field adds start as a fresh model's do, and one whose shape changes is refused by the loader
         config = AstreaConfig.from_pretrained(spec.pretrained)
         config = AstreaConfig.from_dict(deep_merge(config.to_dict(), overrides))
-        model = AstreaForConditionalGeneration.from_pretrained(spec.pretrained, config=config)
+        try:
+            model = AstreaForConditionalGeneration.from_pretrained(spec.pretrained, config=config)
+        except RuntimeError as error:
+            if "mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"model.overrides / model.text_overrides change the shape of weights in {spec.pretrained} (the "
+                "loader's report above names them): leave out the fields that do, or start from model.config instead"
+            ) from None
     else:
         config = AstreaConfig.from_pretrained(spec.config)
         if not recipe.prealign.joint:  # a residual attention for every stage after the first, in this order

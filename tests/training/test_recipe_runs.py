@@ -252,6 +252,14 @@ def test_instruct_from_a_model_folder_on_the_command_line(killed_and_resumed):
     assert result.returncode == 0, result.stderr[-3000:]
     assert AstreaForConditionalGeneration.from_pretrained(source).config.router_aux_loss_coef == 0.0
     assert json.loads((root / "sft" / "model" / "config.json").read_text())["router_aux_loss_coef"] == 0.25
+    # an override that reshapes the folder's weights is a one-line error, before any training
+    bad = astrea_train(
+        "instruct", "--recipe", str(recipe_file), "--model", str(source), "--output-dir", str(root / "sft-bad"),
+        "--set", "model.overrides.adapter_hidden_size=3",
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "astrea-train: model.overrides / model.text_overrides" in bad.stderr
+    assert "change the shape of weights in" in bad.stderr and not (root / "sft-bad" / "stages").exists()
     assert "| question type | accuracy | chance | n |" in result.stdout
     metrics = json.loads((root / "sft" / "metrics.json").read_text())
     assert [stage["stage"] for stage in metrics["stages"]] == ["instruct"]
