@@ -756,7 +756,8 @@ def normalise(text: str) -> str:
 
 @torch.no_grad()
 def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, max_new_tokens: int | None = None):
-    """Greedy answers and per-image router probabilities for examples (features from the cache)."""
+    """Greedy answers and, per example, the router's mean expert probabilities over its images' tokens (None for a
+    text-only example or a router-less model), features from the cache."""
     model, collator = ws.model, ws.collator
     batch_size = batch_size or ws.recipe.eval.batch_size
     max_new_tokens = max_new_tokens or ws.recipe.eval.max_new_tokens
@@ -767,22 +768,29 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collator.generation_inputs(chunk)
-        features = model.get_image_features(
-            expert_features={k: v.to(device) for k, v in batch.pop("expert_features").items()},
-            prompt_input_ids=batch["input_ids"].to(device),  # read by a router that reads the prompt
-            prompt_attention_mask=batch["attention_mask"].to(device),
-            return_dict=True,
-        )
+        expert_features = batch.pop("expert_features", None)  # none when every example in the chunk is text-only
+        features, encoded = None, {}
+        if expert_features is not None:
+            features = model.get_image_features(
+                expert_features={k: v.to(device) for k, v in expert_features.items()},
+                prompt_input_ids=batch["input_ids"].to(device),  # read by a router that reads the prompt
+                prompt_attention_mask=batch["attention_mask"].to(device),
+                return_dict=True,
+            )
+            encoded = {"mm_encoder_outputs": {"image": features}}
         out = model.generate(
-            **{k: v.to(device) for k, v in batch.items()},
-            mm_encoder_outputs={"image": features},
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **{k: v.to(device) for k, v in batch.items()}, **encoded, max_new_tokens=max_new_tokens, do_sample=False
         )
         new = out[:, batch["input_ids"].shape[1] :]
         texts.extend(ws.processor.batch_decode(new, skip_special_tokens=True))
-        if features.router_probs is not None:
-            routers.extend(features.router_probs.float().mean(dim=1).cpu())
+        per_example = [None] * len(chunk)
+        if features is not None and features.router_probs is not None:
+            # the tokens' probabilities are per image, in the examples' order: each example's own images (several
+            # for a multi-image or video row, none for a text-only one)
+            per_image = features.router_probs.float().mean(dim=1).cpu()
+            images = [len(as_conversation(example)[0]) for example in chunk]
+            per_example = [part.mean(dim=0) if len(part) else None for part in per_image.split(images)]
+        routers.extend(per_example)
     model.train(was_training)
     return texts, routers
 
@@ -868,7 +876,8 @@ def evaluate(ws: Workspace) -> dict:
             logger.warning("no data.sources row feeds eval: no accuracy table")
             return {"accuracy": {}, "subgroups": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
     texts, routers = answers(ws, examples)
-    correct, total, router_sum = defaultdict(float), defaultdict(int), defaultdict(lambda: torch.zeros(4))
+    correct, total = defaultdict(float), defaultdict(int)
+    router_sum, router_n = defaultdict(lambda: torch.zeros(len(EXPERT_NAMES))), defaultdict(int)
     sub_correct, sub_total = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
     for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
         kind = example["type"]
@@ -878,8 +887,9 @@ def evaluate(ws: Workspace) -> dict:
         if "subgroup" in example:
             sub_total[kind][example["subgroup"]] += 1
             sub_correct[kind][example["subgroup"]] += hit
-        if routers:
+        if routers[index] is not None:  # the type's router shares: over its examples that have images
             router_sum[kind] += routers[index]
+            router_n[kind] += 1
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
@@ -896,7 +906,7 @@ def evaluate(ws: Workspace) -> dict:
         },
         "count": dict(total),
         "router": {
-            kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / total[kind]).tolist(), strict=True))
+            kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / router_n[kind]).tolist(), strict=True))
             for kind in router_sum
         },
         "examples": [

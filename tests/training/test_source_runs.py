@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from astrea_testing import REPO, TINY
 
 from astrea.training import pipeline
@@ -156,6 +157,47 @@ def test_the_whole_recipe_trains_and_evaluates_from_the_files(exported, tmp_path
         assert hits == pytest.approx(metrics["accuracy"][kind] * metrics["count"][kind], abs=1e-3)
     assert all(stage["heldout"] for stage in metrics["stages"])  # held out: the eval phase's files
     assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_evaluation_takes_text_only_and_multi_image_rows_and_routes_each_row_on_its_own_images(exported, tmp_path):
+    """An eval source of text-only rows (a whole batch of them first) and two-image rows: evaluation answers every
+    row, and each type's router shares come from its own rows' images (none for the text-only type)."""
+    root, _, sources = exported
+    turns = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]
+    rows = [{"id": f"t{i}", "conversations": turns} for i in range(9)] + [
+        {
+            "id": f"m{i}",
+            "image": [f"test-0000{i}.png", f"test-0000{i + 1}.png"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nWhich image has more objects?"},
+                {"from": "gpt", "value": "the first"},
+            ],
+        }
+        for i in range(2)
+    ]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(rows))
+    images = str(root / "files" / "images")
+    text_only = {"format": "llava", "path": str(extra), "image_root": images, "phases": ["eval"], "name": "mixed"}
+    recipe = source_recipe(tmp_path, [text_only, *sources])
+    ws = pipeline.prepare(recipe)
+    examples = pipeline.conversation_examples([r for r in ws.records["eval"] if "messages" in r])
+    assert [e["type"] for e in examples[:11]] == ["mixed"] * 11
+    texts, routers = pipeline.answers(ws, examples[:20], batch_size=8)
+    assert len(texts) == len(routers) == 20
+    assert routers[:9] == [None] * 9 and all(r is not None for r in routers[9:])
+    # a two-image row's shares: the mean over both its images' tokens, as the model routes them alone
+    batch = ws.collator.generation_inputs(examples[9:10])
+    with torch.no_grad():
+        alone = ws.model.get_image_features(
+            expert_features=batch["expert_features"], prompt_input_ids=batch["input_ids"], return_dict=True
+        )
+    torch.testing.assert_close(routers[9], alone.router_probs.float().mean(dim=(0, 1)))
+    metrics = pipeline.evaluate(ws)
+    assert metrics["count"]["mixed"] == 11
+    kinds = {e["type"] for e in examples}
+    assert set(metrics["router"]) == kinds  # every type has shares: the mixed one from its two image rows
+    assert all(sum(shares.values()) == pytest.approx(1.0) for shares in metrics["router"].values())
 
 
 def test_an_image_that_does_not_decode_stops_before_training_or_is_skipped(exported, tmp_path):
