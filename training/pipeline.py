@@ -9,6 +9,7 @@ checkpoint (optimizer, scheduler and RNG states included).
 
 import io
 import json
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -756,8 +757,9 @@ def normalise(text: str) -> str:
 
 @torch.no_grad()
 def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, max_new_tokens: int | None = None):
-    """Greedy answers and, per example, the router's mean expert probabilities over its images' tokens (None for a
-    text-only example or a router-less model), features from the cache."""
+    """Greedy answers and, per example, the router's expert probabilities for each of its images' visual tokens
+    ([tokens, experts], its images' tokens one after another; None for a text-only example or a router-less model),
+    features from the cache."""
     model, collator = ws.model, ws.collator
     batch_size = batch_size or ws.recipe.eval.batch_size
     max_new_tokens = max_new_tokens or ws.recipe.eval.max_new_tokens
@@ -787,9 +789,9 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
         if features is not None and features.router_probs is not None:
             # the tokens' probabilities are per image, in the examples' order: each example's own images (several
             # for a multi-image or video row, none for a text-only one)
-            per_image = features.router_probs.float().mean(dim=1).cpu()
+            per_image = features.router_probs.float().cpu()  # [images, tokens, experts]
             images = [len(as_conversation(example)[0]) for example in chunk]
-            per_example = [part.mean(dim=0) if len(part) else None for part in per_image.split(images)]
+            per_example = [part.flatten(0, 1) if len(part) else None for part in per_image.split(images)]
         routers.extend(per_example)
     model.train(was_training)
     return texts, routers
@@ -862,10 +864,27 @@ def evaluate_benchmark(ws: Workspace, rows: list[dict], batch_size: int | None =
     return evaluate_rows(ws.model, ws.processor, rows, batch_size, inputs=CachedInputs(ws), progress=False)
 
 
+def object_token_masks(records: list[dict], grid: int) -> dict[str, torch.Tensor]:
+    """Per image key, which of its `grid` x `grid` visual tokens (raster order) lie under one of its boxes: the
+    normalised `[x0, y0, x1, y1]` boxes of an eval source in COCO instances form. The experts see the image
+    stretched to a square, so a box's share of the image is its share of the grid."""
+    masks = {}
+    for record in records:
+        if not record.get("boxes") or len(record.get("keys") or ()) != 1:
+            continue
+        mask = masks.setdefault(record["keys"][0], torch.zeros(grid, grid, dtype=torch.bool))
+        for x0, y0, x1, y1 in record["boxes"]:
+            top, left = min(int(y0 * grid), grid - 1), min(int(x0 * grid), grid - 1)
+            mask[top : max(top + 1, math.ceil(y1 * grid)), left : max(left + 1, math.ceil(x1 * grid))] = True
+    return {key: mask.flatten() for key, mask in masks.items()}
+
+
 def evaluate(ws: Workspace) -> dict:
     """Held-out accuracy per question type next to chance (where it is known), and the router's mean expert share
-    per type. With data.sources: the `eval` phase's conversations, by source (the last assistant turn is the
-    reference, scored by exact match after normalisation, as astrea.evaluation's VQA metrics do)."""
+    per type: over all visual tokens, and (where an eval source gives the images' boxes, as the synthetic set's
+    COCO instances do) over the tokens under an object and the others. With data.sources: the `eval` phase's
+    conversations, by source (the last assistant turn is the reference, scored by exact match after
+    normalisation, as astrea.evaluation's VQA metrics do)."""
     from astrea.evaluation.metrics import exact_match
 
     if ws.records is None:
@@ -876,8 +895,17 @@ def evaluate(ws: Workspace) -> dict:
             logger.warning("no data.sources row feeds eval: no accuracy table")
             return {"accuracy": {}, "subgroups": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
     texts, routers = answers(ws, examples)
+    masks = object_token_masks(ws.records["eval"], ws.model.config.image_grid_size) if ws.records else {}
     correct, total = defaultdict(float), defaultdict(int)
-    router_sum, router_n = defaultdict(lambda: torch.zeros(len(EXPERT_NAMES))), defaultdict(int)
+    # the router's shares per type: over all tokens, the tokens under an object, the others
+    shares = {part: defaultdict(lambda: torch.zeros(len(EXPERT_NAMES))) for part in ("all", "objects", "background")}
+    counts = {part: defaultdict(int) for part in shares}
+
+    def add(part: str, kind: str, probs: torch.Tensor) -> None:
+        if len(probs):
+            shares[part][kind] += probs.mean(dim=0)
+            counts[part][kind] += 1
+
     sub_correct, sub_total = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
     for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
         kind = example["type"]
@@ -887,9 +915,15 @@ def evaluate(ws: Workspace) -> dict:
         if "subgroup" in example:
             sub_total[kind][example["subgroup"]] += 1
             sub_correct[kind][example["subgroup"]] += hit
-        if routers[index] is not None:  # the type's router shares: over its examples that have images
-            router_sum[kind] += routers[index]
-            router_n[kind] += 1
+        probs = routers[index]
+        if probs is None:  # a text-only example: nothing routed
+            continue
+        add("all", kind, probs)
+        keys = as_conversation(example)[0]
+        mask = masks.get(keys[0]) if len(keys) == 1 else None
+        if mask is not None and len(mask) == len(probs):
+            add("objects", kind, probs[mask])
+            add("background", kind, probs[~mask])
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
@@ -905,9 +939,13 @@ def evaluate(ws: Workspace) -> dict:
             kind: round(chance[question_type(kind)], 4) if question_type(kind) in chance else None for kind in total
         },
         "count": dict(total),
-        "router": {
-            kind: dict(zip(EXPERT_NAMES, (router_sum[kind] / router_n[kind]).tolist(), strict=True))
-            for kind in router_sum
+        **{
+            name: {
+                kind: dict(zip(EXPERT_NAMES, (shares[part][kind] / counts[part][kind]).tolist(), strict=True))
+                for kind in shares[part]
+            }
+            for name, part in (("router", "all"), ("router_objects", "objects"), ("router_background", "background"))
+            if shares[part] or part == "all"
         },
         "examples": [
             {
@@ -939,16 +977,28 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_router(metrics: dict, path: Path) -> None:
-    kinds = [kind for kind in metrics["router"] if question_type(kind) == kind]  # not the unseen-renderer split's
-    fig, ax = _pyplot().subplots(figsize=(8, 4))
+    """Mean router probability per expert and question type (Fig. 2): over all visual tokens, and, where the
+    evaluation knew the objects' boxes, over the tokens under an object and the others."""
+    panels = [
+        (key, title)
+        for key, title in (
+            ("router", "all visual tokens"),
+            ("router_objects", "tokens under an object"),
+            ("router_background", "the other tokens"),
+        )
+        if metrics.get(key)
+    ]
+    fig, axes = _pyplot().subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
     width = 0.8 / len(EXPERT_NAMES)
-    for i, expert in enumerate(EXPERT_NAMES):
-        heights = [metrics["router"][kind][expert] for kind in kinds]
-        ax.bar([k + i * width for k in range(len(kinds))], heights, width=width, label=expert)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
-    ax.set_ylabel("mean router probability")
-    ax.set_title("Expert contributions per question type (cf. paper Fig. 2)")
-    ax.legend(fontsize=8)
+    for ax, (key, title) in zip(axes[:, 0], panels, strict=True):
+        kinds = [kind for kind in metrics[key] if question_type(kind) == kind]  # not the unseen-renderer split's
+        for i, expert in enumerate(EXPERT_NAMES):
+            heights = [metrics[key][kind][expert] for kind in kinds]
+            ax.bar([k + i * width for k in range(len(kinds))], heights, width=width, label=expert)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
+        ax.set_ylabel("mean router probability")
+        ax.set_title(f"Expert contributions per question type, {title} (cf. paper Fig. 2)", fontsize=10)
+    axes[0, 0].legend(fontsize=8)
     _save(fig, path)
 
 

@@ -192,12 +192,42 @@ def test_evaluation_takes_text_only_and_multi_image_rows_and_routes_each_row_on_
         alone = ws.model.get_image_features(
             expert_features=batch["expert_features"], prompt_input_ids=batch["input_ids"], return_dict=True
         )
-    torch.testing.assert_close(routers[9], alone.router_probs.float().mean(dim=(0, 1)))
+    torch.testing.assert_close(routers[9], alone.router_probs.float().flatten(0, 1))
     metrics = pipeline.evaluate(ws)
     assert metrics["count"]["mixed"] == 11
     kinds = {e["type"] for e in examples}
     assert set(metrics["router"]) == kinds  # every type has shares: the mixed one from its two image rows
     assert all(sum(shares.values()) == pytest.approx(1.0) for shares in metrics["router"].values())
+
+
+def test_router_shares_are_also_reported_under_the_objects_and_elsewhere(exported, tmp_path):
+    """With the eval images' COCO instances among the sources, evaluation also gives each type's router shares over
+    the visual tokens under an object's box and over the others, and router.png shows both beside the whole."""
+    _, dataset, sources = exported
+    grid = 4
+    masks = pipeline.object_token_masks(
+        [{"keys": ["k"], "boxes": [[0.0, 0.0, 0.25, 0.25], [0.5, 0.6, 1.0, 0.8]]}], grid
+    )
+    expected = torch.zeros(grid, grid, dtype=torch.bool)
+    expected[0, 0] = True  # the first box is exactly the top-left cell
+    expected[2:4, 2:4] = True  # rows 0.6-0.8 of the image are grid rows 2 and 3; columns 0.5-1.0 are 2 and 3
+    assert torch.equal(masks["k"], expected.flatten())
+    recipe = source_recipe(tmp_path, sources)
+    recipe.model.overrides = {"image_grid_size": grid}
+    ws = pipeline.prepare(recipe)
+    metrics = pipeline.evaluate(ws)
+    kinds = {qa["type"] for row in dataset["test"] for qa in row["questions"]}
+    assert set(metrics["router_objects"]) == set(metrics["router_background"]) == set(metrics["router"]) == kinds
+    # one type's shares under the objects, from each example's own tokens through answers() and its image's boxes
+    examples = pipeline.conversation_examples([r for r in ws.records["eval"] if "messages" in r])
+    boxes = pipeline.object_token_masks(ws.records["eval"], grid)
+    kind = sorted(kinds)[0]
+    chosen = [e for e in examples if e["type"] == kind]
+    _, routers = pipeline.answers(ws, chosen)
+    on_objects = torch.stack([p[boxes[e["keys"][0]]].mean(0) for p, e in zip(routers, chosen, strict=True)]).mean(0)
+    assert list(metrics["router_objects"][kind].values()) == pytest.approx(on_objects.tolist(), abs=1e-5)
+    pipeline.plot_router(metrics, tmp_path / "router.png")
+    assert (tmp_path / "router.png").stat().st_size > 0
 
 
 def test_an_image_that_does_not_decode_stops_before_training_or_is_skipped(exported, tmp_path):
