@@ -996,6 +996,7 @@ def plot_router(metrics: dict, path: Path) -> None:
             heights = [metrics[key][kind][expert] for kind in kinds]
             ax.bar([k + i * width for k in range(len(kinds))], heights, width=width, label=expert)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
+        ax.set_ylim(0, 1)
         ax.set_ylabel("mean router probability")
         ax.set_title(f"Expert contributions per question type, {title} (cf. paper Fig. 2)", fontsize=10)
     axes[0, 0].legend(fontsize=8)
