@@ -756,10 +756,17 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, max_new_tokens: int | None = None):
-    """Greedy answers and, per example, the router's expert probabilities for each of its images' visual tokens
-    ([tokens, experts], its images' tokens one after another; None for a text-only example or a router-less model),
-    features from the cache."""
+def answers(
+    ws: Workspace,
+    examples: list[dict],
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    token_masks: dict[str, torch.Tensor] | None = None,
+):
+    """Greedy answers and, per example, the router's mean expert probabilities over its images' visual tokens
+    (`{"all": [experts]}`; None for a text-only example or a router-less model), features from the cache. With
+    `token_masks` (image key -> which of its tokens lie under an object, `object_token_masks`), an example of one
+    such image also gets the means over those tokens (`"objects"`) and over the rest (`"background"`)."""
     model, collator = ws.model, ws.collator
     batch_size = batch_size or ws.recipe.eval.batch_size
     max_new_tokens = max_new_tokens or ws.recipe.eval.max_new_tokens
@@ -790,11 +797,26 @@ def answers(ws: Workspace, examples: list[dict], batch_size: int | None = None, 
             # the tokens' probabilities are per image, in the examples' order: each example's own images (several
             # for a multi-image or video row, none for a text-only one)
             per_image = features.router_probs.float().cpu()  # [images, tokens, experts]
-            images = [len(as_conversation(example)[0]) for example in chunk]
-            per_example = [part.flatten(0, 1) if len(part) else None for part in per_image.split(images)]
+            keys = [as_conversation(example)[0] for example in chunk]
+            per_example = [
+                router_shares(part.flatten(0, 1), image_keys, token_masks) if len(part) else None
+                for part, image_keys in zip(per_image.split([len(k) for k in keys]), keys, strict=True)
+            ]
         routers.extend(per_example)
     model.train(was_training)
     return texts, routers
+
+
+def router_shares(probs: torch.Tensor, keys: list[str], token_masks: dict[str, torch.Tensor] | None) -> dict:
+    """An example's router probabilities per token ([tokens, experts]) -> their means: over all its tokens, and for
+    one image with a mask in `token_masks`, over the tokens under an object and over the others."""
+    shares = {"all": probs.mean(dim=0)}
+    mask = token_masks.get(keys[0]) if token_masks and len(keys) == 1 else None
+    if mask is not None and len(mask) == len(probs):
+        for part, chosen in (("objects", mask), ("background", ~mask)):
+            if chosen.any():
+                shares[part] = probs[chosen].mean(dim=0)
+    return shares
 
 
 def reference_answer(example: dict) -> str:
@@ -873,9 +895,10 @@ def object_token_masks(records: list[dict], grid: int) -> dict[str, torch.Tensor
         if not record.get("boxes") or len(record.get("keys") or ()) != 1:
             continue
         mask = masks.setdefault(record["keys"][0], torch.zeros(grid, grid, dtype=torch.bool))
-        for x0, y0, x1, y1 in record["boxes"]:
-            top, left = min(int(y0 * grid), grid - 1), min(int(x0 * grid), grid - 1)
-            mask[top : max(top + 1, math.ceil(y1 * grid)), left : max(left + 1, math.ceil(x1 * grid))] = True
+        for x0, y0, x1, y1 in record["boxes"]:  # every cell the box overlaps (an edge on a cell's border: not it)
+            top, left = min(int(y0 * grid + 1e-6), grid - 1), min(int(x0 * grid + 1e-6), grid - 1)
+            bottom, right = math.ceil(y1 * grid - 1e-6), math.ceil(x1 * grid - 1e-6)
+            mask[top : max(top + 1, bottom), left : max(left + 1, right)] = True
     return {key: mask.flatten() for key, mask in masks.items()}
 
 
@@ -894,18 +917,14 @@ def evaluate(ws: Workspace) -> dict:
         if not examples:
             logger.warning("no data.sources row feeds eval: no accuracy table")
             return {"accuracy": {}, "subgroups": {}, "chance": {}, "count": {}, "router": {}, "examples": []}
-    texts, routers = answers(ws, examples)
-    masks = object_token_masks(ws.records["eval"], ws.model.config.image_grid_size) if ws.records else {}
+    masks = None  # per-token routing only: a sample-level router gives every token of an image one mixture
+    if ws.records and ws.model.config.router_mode == "token":
+        masks = object_token_masks(ws.records["eval"], ws.model.config.image_grid_size)
+    texts, routers = answers(ws, examples, token_masks=masks)
     correct, total = defaultdict(float), defaultdict(int)
     # the router's shares per type: over all tokens, the tokens under an object, the others
     shares = {part: defaultdict(lambda: torch.zeros(len(EXPERT_NAMES))) for part in ("all", "objects", "background")}
     counts = {part: defaultdict(int) for part in shares}
-
-    def add(part: str, kind: str, probs: torch.Tensor) -> None:
-        if len(probs):
-            shares[part][kind] += probs.mean(dim=0)
-            counts[part][kind] += 1
-
     sub_correct, sub_total = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
     for index, (text, example) in enumerate(zip(texts, examples, strict=True)):
         kind = example["type"]
@@ -915,15 +934,9 @@ def evaluate(ws: Workspace) -> dict:
         if "subgroup" in example:
             sub_total[kind][example["subgroup"]] += 1
             sub_correct[kind][example["subgroup"]] += hit
-        probs = routers[index]
-        if probs is None:  # a text-only example: nothing routed
-            continue
-        add("all", kind, probs)
-        keys = as_conversation(example)[0]
-        mask = masks.get(keys[0]) if len(keys) == 1 else None
-        if mask is not None and len(mask) == len(probs):
-            add("objects", kind, probs[mask])
-            add("background", kind, probs[~mask])
+        for part, mean in (routers[index] or {}).items():  # none for a text-only example: nothing routed
+            shares[part][kind] += mean
+            counts[part][kind] += 1
     chance = chance_levels()
     return {
         "accuracy": {kind: round(correct[kind] / total[kind], 4) for kind in total},
@@ -986,12 +999,12 @@ def plot_router(metrics: dict, path: Path) -> None:
             ("router_objects", "tokens under an object"),
             ("router_background", "the other tokens"),
         )
-        if metrics.get(key)
+        if key == "router" or metrics.get(key)
     ]
     fig, axes = _pyplot().subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
     width = 0.8 / len(EXPERT_NAMES)
     for ax, (key, title) in zip(axes[:, 0], panels, strict=True):
-        kinds = [kind for kind in metrics[key] if question_type(kind) == kind]  # not the unseen-renderer split's
+        kinds = [kind for kind in metrics.get(key, {}) if question_type(kind) == kind]  # not the unseen split's
         for i, expert in enumerate(EXPERT_NAMES):
             heights = [metrics[key][kind][expert] for kind in kinds]
             ax.bar([k + i * width for k in range(len(kinds))], heights, width=width, label=expert)

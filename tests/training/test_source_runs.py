@@ -192,7 +192,7 @@ def test_evaluation_takes_text_only_and_multi_image_rows_and_routes_each_row_on_
         alone = ws.model.get_image_features(
             expert_features=batch["expert_features"], prompt_input_ids=batch["input_ids"], return_dict=True
         )
-    torch.testing.assert_close(routers[9], alone.router_probs.float().flatten(0, 1))
+    torch.testing.assert_close(routers[9]["all"], alone.router_probs.float().mean(dim=(0, 1)))
     metrics = pipeline.evaluate(ws)
     assert metrics["count"]["mixed"] == 11
     kinds = {e["type"] for e in examples}
@@ -205,29 +205,46 @@ def test_router_shares_are_also_reported_under_the_objects_and_elsewhere(exporte
     the visual tokens under an object's box and over the others, and router.png shows both beside the whole."""
     _, dataset, sources = exported
     grid = 4
-    masks = pipeline.object_token_masks(
-        [{"keys": ["k"], "boxes": [[0.0, 0.0, 0.25, 0.25], [0.5, 0.6, 1.0, 0.8]]}], grid
-    )
-    expected = torch.zeros(grid, grid, dtype=torch.bool)
+    boxes = [[0.0, 0.0, 0.25, 0.25], [0.5, 0.6, 1.0, 0.8], [0.0, 0.5, 0.1, 1.0]]
+    masks = pipeline.object_token_masks([{"keys": ["k"], "boxes": boxes}], grid)
+    expected = torch.zeros(grid, grid, dtype=torch.bool)  # [row, column]
     expected[0, 0] = True  # the first box is exactly the top-left cell
-    expected[2:4, 2:4] = True  # rows 0.6-0.8 of the image are grid rows 2 and 3; columns 0.5-1.0 are 2 and 3
+    expected[2:4, 2:4] = True  # y 0.6-0.8 is rows 2 and 3 (0.5-0.75, 0.75-1.0); x 0.5-1.0 columns 2 and 3
+    expected[2:4, 0] = True  # x 0-0.1 is column 0 only, y 0.5-1.0 rows 2 and 3
     assert torch.equal(masks["k"], expected.flatten())
+    edge = pipeline.object_token_masks([{"keys": ["k"], "boxes": [[0.0, 0.0, 1.0, 0.35]]}], 20)["k"].view(20, 20)
+    assert edge[:7].all() and not edge[7:].any()  # 0.35 * 20 is 7.000000000000001: row 7 is not under it
+
     recipe = source_recipe(tmp_path, sources)
     recipe.model.overrides = {"image_grid_size": grid}
     ws = pipeline.prepare(recipe)
     metrics = pipeline.evaluate(ws)
     kinds = {qa["type"] for row in dataset["test"] for qa in row["questions"]}
     assert set(metrics["router_objects"]) == set(metrics["router_background"]) == set(metrics["router"]) == kinds
-    # one type's shares under the objects, from each example's own tokens through answers() and its image's boxes
-    examples = pipeline.conversation_examples([r for r in ws.records["eval"] if "messages" in r])
-    boxes = pipeline.object_token_masks(ws.records["eval"], grid)
-    kind = sorted(kinds)[0]
-    chosen = [e for e in examples if e["type"] == kind]
-    _, routers = pipeline.answers(ws, chosen)
-    on_objects = torch.stack([p[boxes[e["keys"][0]]].mean(0) for p, e in zip(routers, chosen, strict=True)]).mean(0)
-    assert list(metrics["router_objects"][kind].values()) == pytest.approx(on_objects.tolist(), abs=1e-5)
+    for part in ("router", "router_objects", "router_background"):
+        assert all(sum(shares.values()) == pytest.approx(1.0) for shares in metrics[part].values())
+    # one example by hand: its tokens' probabilities, and the cells its image's boxes overlap, counted here
+    example = pipeline.conversation_examples([r for r in ws.records["eval"] if "messages" in r])[0]
+    batch = ws.collator.generation_inputs([example])
+    with torch.no_grad():
+        probs = ws.model.get_image_features(
+            expert_features=batch["expert_features"], prompt_input_ids=batch["input_ids"], return_dict=True
+        ).router_probs[0]
+    instances = next(r for r in ws.records["eval"] if r.get("boxes") and r["keys"] == example["keys"])
+    under = [
+        row * grid + column
+        for row in range(grid)
+        for column in range(grid)
+        if any(x0 < (column + 1) / grid and x1 > column / grid and y0 < (row + 1) / grid and y1 > row / grid
+               for x0, y0, x1, y1 in instances["boxes"])
+    ]  # fmt: skip
+    assert 0 < len(under) < grid * grid
+    _, routers = pipeline.answers(ws, [example], token_masks=pipeline.object_token_masks(ws.records["eval"], grid))
+    torch.testing.assert_close(routers[0]["objects"], probs[under].mean(dim=0))
+    torch.testing.assert_close(routers[0]["all"], probs.mean(dim=0))
     pipeline.plot_router(metrics, tmp_path / "router.png")
-    assert (tmp_path / "router.png").stat().st_size > 0
+    pipeline.plot_router({"router": {}}, tmp_path / "empty.png")  # an evaluation that routed nothing: an empty chart
+    assert (tmp_path / "router.png").stat().st_size > (tmp_path / "empty.png").stat().st_size > 0
 
 
 def test_an_image_that_does_not_decode_stops_before_training_or_is_skipped(exported, tmp_path):
