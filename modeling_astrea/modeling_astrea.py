@@ -1436,6 +1436,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         moco_input_ids: torch.LongTensor | None = None,
         moco_attention_mask: torch.Tensor | None = None,
         moco_pool_mask: torch.Tensor | None = None,
+        skip_logits: bool = False,
         **kwargs,
     ) -> AstreaCausalLMOutputWithPast:
         r"""
@@ -1443,7 +1444,13 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             MoCo's text for each row where it is not the row's own instruction and answer (training only): e.g. the
             image's caption, as `AstreaCollator` writes it for examples with a `moco_text`; pooled over
             `moco_pool_mask`. A row with an all-zero `moco_attention_mask` keeps its own text.
+        skip_logits (`bool`, *optional*, defaults to `False`):
+            With `labels`: run the LM head only on the positions that predict a label, compute the loss from those,
+            and return `logits=None` (the loss is the same). In instruction tuning most positions are visual tokens
+            and prompt words that no label scores; `AstreaSFTTrainer` sets it.
         """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes the loss without the logits, so it needs `labels`.")
         if labels is not None and self.model.routes_on_prompt:
             kwargs.setdefault("router_prompt_mask", labels == -100)  # the router must not read the answer
         pixels = {
@@ -1489,14 +1496,26 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = None
+        if not skip_logits:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = loss_reg = loss_moco = moco_chance = loss_balance = None
         if labels is not None:
-            loss_reg = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )  # Eq. 1
+            vocab_size = self.config.text_config.vocab_size
+            if skip_logits:  # position t predicts label t + 1: the head runs where that label is scored
+                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+                scored = shift_labels != -100
+                loss_reg = self.loss_function(
+                    logits=self.lm_head(hidden_states[scored]),
+                    labels=None,
+                    shift_labels=shift_labels[scored],
+                    vocab_size=vocab_size,
+                    **kwargs,
+                )  # Eq. 1
+            else:
+                loss_reg = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)  # Eq. 1
             loss = loss_reg
             # MoCo belongs to instruction tuning (Sec. 3.2.1); pre-alignment stages train on L_reg alone
             aligning = self.model.alignment is not None

@@ -407,7 +407,8 @@ class AstreaSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        outputs = model(**inputs, use_cache=False, **counted)
+        # training needs the loss alone: the LM head runs only where a label is scored (evaluation keeps the logits)
+        outputs = model(**inputs, use_cache=False, skip_logits=model.training, **counted)
         mode = "train" if model.training else "eval"
         for name in ("loss_reg", "loss_moco", "moco_chance", "loss_balance"):
             value = getattr(outputs, name, None)

@@ -50,3 +50,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tiny_config
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_skip_logits_gives_the_same_loss_and_gradients(tiny_model, tiny_config):
+    """`skip_logits=True` runs the LM head only where a label is scored: the same L_reg (with and without the
+    Trainer's `num_items_in_batch`) and the same gradients as the full logits, and no logits returned."""
+    batch = fixed_batch(tiny_config)
+    batch["labels"][1, -3:] = -100  # rows with different numbers of scored tokens
+    model = tiny_model.train()
+    model.config.use_moco = False  # MoCo's EMA/queue would make the two passes differ
+
+    def run(**kwargs):
+        model.zero_grad()
+        output = model(**batch, **kwargs)
+        output.loss.backward()
+        return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for counted in ({}, {"num_items_in_batch": torch.tensor(20)}):
+        full, full_grads = run(**counted)
+        skipped, skipped_grads = run(skip_logits=True, **counted)
+        assert full.logits is not None and skipped.logits is None
+        torch.testing.assert_close(skipped.loss, full.loss)
+        assert full_grads.keys() == skipped_grads.keys() and "lm_head.weight" in full_grads
+        for name in full_grads:
+            torch.testing.assert_close(skipped_grads[name], full_grads[name], msg=name)
+    try:
+        model(input_ids=batch["input_ids"], skip_logits=True)
+    except ValueError as error:
+        assert "needs `labels`" in str(error)
+    else:
+        raise AssertionError("skip_logits without labels was accepted")
