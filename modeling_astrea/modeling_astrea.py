@@ -413,6 +413,25 @@ def top_k_router_probs(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
 
 
+def branch_attention(branch_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+    """The attention of rows that hold several conversations about the same image as branches of one shared prefix
+    (the image and what precedes the first question): `branch_ids` [B, T] is 0 on the prefix (and on rows of one
+    conversation) and k on the tokens of branch k. A token sees the prefix and the earlier tokens of its own
+    branch, never another branch, so each branch is computed exactly as its conversation would be alone, while
+    the prefix's visual tokens pass through the LLM once. Returns the [B, 1, T, T] boolean mask (True: attend)
+    and the position ids each token has in its own conversation (the tokens it sees, minus one)."""
+    length = branch_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=branch_ids.device).tril()
+    same = (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])  # [B, query, key]
+    mask = causal[None] & same
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    position_ids = mask.sum(dim=-1).clamp(min=1) - 1
+    # a query that sees nothing (padding before any kept token) would give NaN: it sees itself
+    mask = mask | torch.eye(length, dtype=torch.bool, device=branch_ids.device)[None]
+    return mask[:, None], position_ids
+
+
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The Switch Transformer's load-balancing loss for a top-k router: E * sum_e f_e * P_e over the tokens of
     `router_logits` ([..., E]), where f_e is the share of the tokens' k places that expert e fills and P_e its mean
@@ -1081,13 +1100,19 @@ class AstreaModel(AstreaPreTrainedModel):
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
         router_prompt_mask: torch.Tensor | None = None,
+        branch_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> AstreaModelOutputWithPast:
         """`router_prompt_mask` ([B, T], optional): which tokens are prompt (not answer), for a router that reads the
-        prompt (`config.router_mode == "sample"` or `config.router_prompt`); by default every text token is."""
+        prompt (`config.router_mode == "sample"` or `config.router_prompt`); by default every text token is.
+        `branch_ids` ([B, T], optional; training and scoring, not generation): rows that pack several conversations
+        about one image as branches after their shared prefix (`branch_attention`), as `AstreaCollator` writes them
+        with `branches`."""
         # 1. check inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if branch_ids is not None and (past_key_values is not None or use_cache):
+            raise ValueError("branch_ids packs conversations for training and scoring; generate without them.")
         has_pixels = any(
             x is not None
             for x in (pixel_values, classification_pixel_values, detection_pixel_values, segmentation_pixel_values)
@@ -1133,9 +1158,13 @@ class AstreaModel(AstreaPreTrainedModel):
             raise ValueError(f"The text holds {n_tokens} image tokens but no images were given.")
 
         # 5. language model
+        llm_attention_mask = attention_mask
+        if branch_ids is not None:
+            llm_attention_mask, branch_positions = branch_attention(branch_ids, attention_mask)
+            position_ids = branch_positions if position_ids is None else position_ids
         outputs = self.language_model(
             return_dict=True,
-            attention_mask=attention_mask,
+            attention_mask=llm_attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
@@ -1577,4 +1606,5 @@ __all__ = [
     "AstreaResidualAttention",
     "load_balancing_loss",
     "top_k_router_probs",
+    "branch_attention",
 ]

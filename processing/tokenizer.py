@@ -24,13 +24,23 @@ _WORDS = (
 
 
 def _corpus():
+    """Lines in the chat template's format (`USER: ...\nASSISTANT: ...</s>`) over the word list, repeated so that
+    every word, its capitalised form and the template's words win merges as whole tokens (as an LLM's tokenizer
+    has "colour" or "circle" as one token; left to chance, "circle" and "cross" were both "c" + a rest), then
+    number-bearing lines for the digits of boxes and counts."""
     words = _WORDS.split()
+    for _ in range(20):
+        for i, word in enumerate(words):
+            second, third = words[(i * 7) % len(words)], words[(i * 13) % len(words)]
+            yield (
+                f"USER: What {word} is the {second} {third}?\nASSISTANT: {word.capitalize()} {second}.</s>\n"
+                f"USER: How {third}?\nASSISTANT: {third}</s>"
+            )
     for i, word in enumerate(words):
         yield f"{word} {words[(i * 7) % len(words)]} {words[(i * 13) % len(words)]}, {i} ({i}, {i * 3})."
-        yield f"USER: {word}? ASSISTANT: {word.capitalize()}."
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

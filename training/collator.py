@@ -110,7 +110,10 @@ IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 
 
 def as_conversation(example: dict) -> tuple[list[str], list[dict], tuple[int, ...]]:
-    """(image keys, messages, frames per video) of an example in either form."""
+    """(image keys, messages, frames per video) of an example in any form (of an example with `branches`, its
+    first branch)."""
+    if "branches" in example:
+        return list(example.get("keys") or []), list(example["branches"][0]), tuple(example.get("frames") or ())
     if "messages" in example:
         return list(example.get("keys") or []), list(example["messages"]), tuple(example.get("frames") or ())
     messages = [{"role": "user", "content": "<image>\n" + example["prompt"]}]
@@ -198,21 +201,54 @@ class AstreaCollator:
         return ids, labels
 
     def length(self, example: dict) -> int:
-        """Tokens of an example (for checking against a maximum length before training)."""
-        _, messages, frames = as_conversation(example)
-        return len(self.tokenize(messages, frames)[0])
+        """Tokens of an example's row (for checking against a maximum length, and for length grouping)."""
+        return len(self.row(example)[0])
+
+    def row(self, example: dict) -> tuple[list[int], list[int], list[int]]:
+        """(input ids, labels, branch ids) of an example's row. An example with `branches` (conversations about
+        the same images, `pipeline.image_bundles`) is one row: the tokens its conversations share (the images and
+        what comes before the first question) once, then each conversation's own tokens as branch 1, 2, ...; the
+        model keeps the branches from seeing each other (`branch_attention`), so each is computed exactly as it
+        would be alone. Branch ids are 0 elsewhere."""
+        if "branches" not in example or len(example["branches"]) == 1:
+            _, messages, frames = as_conversation(example)
+            ids, labels = self.tokenize(messages, frames)
+            return ids, labels, [0] * len(ids)
+        frames = tuple(example.get("frames") or ())
+        rendered = [self.tokenize(list(messages), frames) for messages in example["branches"]]
+        shared = 0
+        first = rendered[0][0]
+        while shared < len(first) and all(len(ids) > shared and ids[shared] == first[shared] for ids, _ in rendered):
+            shared += 1
+        # a branch starts with a token no label scores (in the row, the token before it is another branch's), and
+        # holds at least one token of its own
+        while shared > 0 and any(len(ids) == shared or labels[shared] != -100 for ids, labels in rendered):
+            shared -= 1
+        image = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        if any(image in ids[shared:] for ids, _ in rendered):
+            raise ValueError(
+                f"The conversations bundled about images {example.get('keys')} differ before their last image, so "
+                "they cannot share it; bundle only conversations that open with the same images."
+            )
+        ids, labels = list(first[:shared]), list(rendered[0][1][:shared])
+        branch_ids = [0] * shared
+        for number, (branch, branch_labels) in enumerate(rendered, start=1):
+            ids += branch[shared:]
+            labels += branch_labels[shared:]
+            branch_ids += [number] * (len(branch) - shared)
+        return ids, labels, branch_ids
 
     def _features(self, keys: list[str]) -> dict:
         return {"expert_features": self.cache.load(keys, self.experts)} if keys else {}
 
     def __call__(self, examples: list[dict]) -> dict:
-        rows, labels, keys = [], [], []
+        rows, labels, branches, keys = [], [], [], []
         for example in examples:
-            example_keys, messages, frames = as_conversation(example)
-            ids, row_labels = self.tokenize(messages, frames)
+            ids, row_labels, branch_ids = self.row(example)
             rows.append(ids)
             labels.append(row_labels)
-            keys += example_keys
+            branches.append(branch_ids)
+            keys += as_conversation(example)[0]
         length = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         batch = {
@@ -220,6 +256,8 @@ class AstreaCollator:
             "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
             "labels": torch.tensor([label + [-100] * (length - len(label)) for label in labels]),
         }
+        if any(any(row) for row in branches):
+            batch["branch_ids"] = torch.tensor([row + [0] * (length - len(row)) for row in branches])
         return batch | self._moco_texts(examples) | self._features(keys)
 
     def _moco_texts(self, examples: list[dict]) -> dict:
@@ -248,6 +286,8 @@ class AstreaCollator:
         with the cached expert features: for greedy answers. A shorthand example needs only `key` and `prompt`."""
         texts, keys = [], []
         for example in examples:
+            if len(example.get("branches") or ()) > 1:
+                raise ValueError("generation_inputs takes one conversation an example, not `branches`.")
             example_keys, messages, frames = as_conversation(example)
             answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             texts.append(self._render(messages[: answers[-1]] if answers else messages, True, frames))

@@ -286,6 +286,33 @@ def conversation_examples(records: list[dict]) -> list[dict]:
     ]
 
 
+def image_bundles(examples: list[dict], branches: int, seed: int) -> list[dict]:
+    """Examples as rows of up to `branches` conversations each (`instruct.image_branches`): the conversations about
+    one image (in a random order drawn from `seed`) bundled `branches` at a time, each bundle an example with
+    `branches` that the collator writes as one row in which the image passes through the LLM once for all of
+    them; conversations without exactly one image (text-only, several images, video) stay rows of their own.
+    Every example comes back in that form (`keys`, `branches`, `frames`, `type`: the first conversation's)."""
+    import random
+
+    rng = random.Random(seed)
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    bundles = []
+    for example in examples:
+        keys, messages, frames = as_conversation(example)
+        if len(keys) == 1 and not frames:
+            by_image[keys[0]].append({"messages": messages, "type": example.get("type")})
+        else:
+            bundles.append({"keys": keys, "branches": [messages], "frames": list(frames), "type": example.get("type")})
+    for key, conversations in by_image.items():
+        rng.shuffle(conversations)
+        for start in range(0, len(conversations), branches):
+            part = conversations[start : start + branches]
+            bundles.append(
+                {"keys": [key], "branches": [c["messages"] for c in part], "frames": [], "type": part[0]["type"]}
+            )
+    return bundles
+
+
 def with_moco_captions(examples: list[dict], captions: dict[str, str]) -> list[dict]:
     """Examples about one image that has a caption (`captions`: image key -> caption) get it as `moco_text`, MoCo's
     text for the pair (docs/design.md, MoCo): the image's description, where the row's own answers ("two", "left")
@@ -738,6 +765,8 @@ def instruct(ws: Workspace) -> dict:
         heldout = conversation_examples([r for r in ws.records["eval"] if "messages" in r])[:128]
         if not examples:
             raise ValueError("No data.sources row feeds instruct (a source with phases: [instruct]).")
+    if spec.image_branches > 1:
+        examples = image_bundles(examples, spec.image_branches, ws.recipe.seed)
     if spec.use_moco and spec.moco_captions:
         examples = with_moco_captions(examples, captions)
     measure = (lambda: answer_accuracy(ws, heldout)) if heldout else None

@@ -114,6 +114,9 @@ class InstructArgs(OptimArgs):
     # MoCo's text for an image is its caption where the data has one (a COCO captions or LLaVA-Pretrain source with
     # the same image file, or the synthetic set's caption), else the row's own instructions and answers
     moco_captions: bool = True
+    # up to this many conversations about the same image share one row, as branches after the image that cannot
+    # see each other (collator.py): the image's visual tokens pass through the LLM once for all of them. 1: off
+    image_branches: int = 1
 
 
 @dataclass
@@ -238,6 +241,9 @@ class Recipe:
             raise ValueError(f"Recipe: ablation.seeds must be a list of integers, got {seeds!r}.")
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"Recipe: ablation.seeds must be distinct integers, at least one; got {seeds}.")
+        branches = self.instruct.image_branches
+        if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
+            raise ValueError(f"Recipe: instruct.image_branches must be a whole number, 1 or more, not {branches!r}.")
         if not 1 <= self.instruct.router_top_k <= len(EXPERT_NAMES):
             raise ValueError(f"Recipe: instruct.router_top_k={self.instruct.router_top_k} must be in 1..4.")
 

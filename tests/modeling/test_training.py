@@ -1,5 +1,6 @@
 """A few optimizer steps: the loss goes down, frozen parts stay put, gradient checkpointing works."""
 
+import pytest
 import torch
 from astrea_testing import prompt_ids, random_pixels
 
@@ -80,3 +81,27 @@ def test_skip_logits_gives_the_same_loss_and_gradients(tiny_model, tiny_config):
         assert "needs `labels`" in str(error)
     else:
         raise AssertionError("skip_logits without labels was accepted")
+
+
+def test_branches_are_computed_as_their_conversations_alone(tiny_model, tiny_config):
+    """One row holding two conversations about an image as branches after the shared image (`branch_ids`) gives
+    each branch the logits its conversation gets as a row of its own, and the same summed loss; the image's tokens
+    pass through the LLM once."""
+    prefix = prompt_ids(tiny_config, [7])
+    first, second = [40, 41, 42], [50, 51, 52, 53]
+    pixels = random_pixels(tiny_config, 1)
+    model = tiny_model.eval()
+    with torch.no_grad():
+        alone = [
+            model(input_ids=torch.tensor([prefix + branch]), **pixels, use_cache=False).logits[0, len(prefix) :]
+            for branch in (first, second)
+        ]
+        ids = torch.tensor([prefix + first + second])
+        branch_ids = torch.tensor([[0] * len(prefix) + [1] * len(first) + [2] * len(second)])
+        packed = model(input_ids=ids, **pixels, branch_ids=branch_ids, use_cache=False).logits[0]
+        plain = model(input_ids=ids, **pixels, use_cache=False).logits[0]  # the second branch sees the first
+    torch.testing.assert_close(packed[branch_ids[0] == 1], alone[0])
+    torch.testing.assert_close(packed[branch_ids[0] == 2], alone[1])
+    assert not torch.allclose(plain[branch_ids[0] == 2], alone[1], atol=1e-4)
+    with pytest.raises(ValueError, match="generate without them"):
+        model(input_ids=ids, **pixels, branch_ids=branch_ids, use_cache=True)

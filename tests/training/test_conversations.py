@@ -177,3 +177,81 @@ def test_a_moco_caption_is_written_as_a_caption_request_and_pooled_over_the_capt
     # the conversation itself is unchanged, and a batch without captions has no MoCo texts
     without = collator([{k: v for k, v in examples[0].items() if k != "moco_text"}, examples[1]])
     assert torch.equal(without["input_ids"], batch["input_ids"]) and "moco_input_ids" not in without
+
+
+def test_branches_share_the_image_once_and_keep_each_conversation_whole(processor):
+    """Three conversations about one image as one row: the image and the template's words before the first
+    question once (branch 0), then each conversation's own tokens and labels, in order, as branches 1..3; the
+    image's features load once. The row's tokens are the separate rows' tokens with the shared part cut."""
+    collator = AstreaCollator(processor, Cache())
+    conversations = [
+        [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "red"}],
+        [{"role": "user", "content": "<image>\nHow many objects?"}, {"role": "assistant", "content": "two"}],
+        [
+            {"role": "user", "content": "<image>\nWhat shape is the red object?"},
+            {"role": "assistant", "content": "circle"},
+            {"role": "user", "content": "Is it on the left?"},
+            {"role": "assistant", "content": "yes"},
+        ],
+    ]
+    alone = [collator([{"keys": ["k4"], "messages": c}]) for c in conversations]
+    cache = Cache()
+    collator = AstreaCollator(processor, cache)
+    batch = collator([{"keys": ["k4"], "branches": conversations, "frames": [], "type": "colour"}])
+    assert cache.loaded == [["k4"]]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    branch_ids = batch["branch_ids"][0]
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    shared = int((branch_ids == 0).sum())
+    first = alone[0]["input_ids"][0]
+    assert (ids[:shared] == image_token).sum() == processor.num_image_tokens  # the image, once
+    assert torch.equal(ids[:shared], first[:shared]) and (labels[:shared] == -100).all()
+    for number, single in enumerate(alone, start=1):
+        own = branch_ids == number
+        assert torch.equal(ids[own], single["input_ids"][0][shared:])
+        assert torch.equal(labels[own], single["labels"][0][shared:])
+        assert labels[own][0] == -100  # a branch opens with its question, which no label scores
+    assert sorted(set(branch_ids.tolist())) == [0, 1, 2, 3] and len(ids) == shared + sum(
+        len(s["input_ids"][0]) - shared for s in alone
+    )
+    assert collator.length({"keys": ["k4"], "branches": conversations}) == len(ids)
+    # one conversation in `branches` is an ordinary row, and a batch of those has no branch ids
+    plain = collator([{"keys": ["k4"], "branches": conversations[:1], "frames": []}])
+    assert "branch_ids" not in plain and torch.equal(plain["input_ids"], alone[0]["input_ids"])
+
+
+def test_branches_that_differ_before_the_image_are_refused(processor):
+    collator = AstreaCollator(processor, Cache())
+    conversations = [
+        [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
+        [{"role": "user", "content": "Look: <image>\nColour?"}, {"role": "assistant", "content": "red"}],
+    ]
+    with pytest.raises(ValueError, match="differ before their last image"):
+        collator([{"keys": ["k1"], "branches": conversations}])
+
+
+def test_image_bundles_group_each_images_conversations(processor):
+    """`instruct.image_branches`: conversations about one image, up to N to a row; text-only and multi-image rows
+    stay rows of their own; every conversation is in exactly one row; all rows come back in one form."""
+    from astrea.training.pipeline import image_bundles
+
+    def chat(question):
+        return [{"role": "user", "content": "<image>\n" + question}, {"role": "assistant", "content": "x"}]
+
+    examples = [{"keys": ["k1"], "messages": chat(f"a{i}"), "type": "colour"} for i in range(5)]
+    examples += [{"keys": ["k2"], "messages": chat("b0"), "type": "shape"}]
+    examples += [{"key": "k3", "prompt": "c0", "answer": "y", "type": "count"}]  # the shorthand form
+    examples += [{"keys": [], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]}]
+    examples += [{"keys": ["k1", "k2"], "messages": chat("<image>\nab"), "type": "pair"}]
+    bundles = image_bundles(examples, 2, seed=0)
+    assert all(set(b) == {"keys", "branches", "frames", "type"} for b in bundles)
+    by_keys = {}
+    for bundle in bundles:
+        by_keys.setdefault(tuple(bundle["keys"]), []).append(len(bundle["branches"]))
+    assert sorted(by_keys[("k1",)]) == [1, 2, 2] and by_keys[("k2",)] == [1] and by_keys[("k3",)] == [1]
+    assert by_keys[()] == [1] and by_keys[("k1", "k2")] == [1]
+    asked = sorted(m["content"] for b in bundles for branch in b["branches"] for m in branch if m["role"] == "user")
+    questions = ["a0", "a1", "a2", "a3", "a4", "b0", "c0", "<image>\nab"]
+    assert asked == sorted(["<image>\n" + q for q in questions] + ["hi"])
+    batch = AstreaCollator(processor, Cache())(bundles)  # one batch of every kind of row
+    assert batch["input_ids"].shape[0] == len(bundles) and "branch_ids" in batch

@@ -110,6 +110,9 @@ def test_turns_per_row_asks_each_question_once_in_conversations_of_that_many_tur
         Recipe.from_dict({"data": {"files": "data", "turns_per_row": 0}})
     with pytest.raises(ValueError, match="set data.files"):
         Recipe.from_dict({"data": {"turns_per_row": 3}})
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="instruct.image_branches"):
+            Recipe.from_dict({"instruct": {"image_branches": bad}})
 
 
 def test_the_unseen_renderer_split_is_evaluated_under_its_own_names(tmp_path):
