@@ -10,6 +10,7 @@ checkpoint (optimizer, scheduler and RNG states included).
 import io
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -292,8 +293,6 @@ def image_bundles(examples: list[dict], branches: int, seed: int) -> list[dict]:
     `branches` that the collator writes as one row in which the image passes through the LLM once for all of
     them; conversations without exactly one image (text-only, several images, video) stay rows of their own.
     Every example comes back in that form (`keys`, `branches`, `frames`, `type`: the first conversation's)."""
-    import random
-
     rng = random.Random(seed)
     by_image: dict[str, list[dict]] = defaultdict(list)
     bundles = []
