@@ -12,6 +12,7 @@ image per frame, as the processor writes it) mix freely in a batch.
 
 import re
 
+import numpy as np
 import torch
 
 from .data import CAPTION_PROMPT, box_text, grounding_pairs, grounding_prompt, mask_text, region_text
@@ -104,6 +105,7 @@ def instruction_examples(rows, keys: list[str], tasks=("questions",)) -> list[di
 
 
 MEMO_SIZE = 100_000  # tokenized texts kept per collator
+ROW_MEMO_TOKENS = 16_000_000  # whole rows kept per collator, in tokens (about 200 MB of int32 arrays)
 MEMO_TEXT_CHARS = 256  # longer texts (captions, boxes, regions, long turns) are tokenized every time
 SENTINEL = "\u2063ASTREA-TURN\u2063"  # stands in for an assistant turn's text when the template is rendered
 IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
@@ -122,6 +124,14 @@ def as_conversation(example: dict) -> tuple[list[str], list[dict], tuple[int, ..
     return [example["key"]], messages, ()
 
 
+def padded(rows: list, value, dtype=np.int64) -> torch.Tensor:
+    """Rows of different lengths, padded on the right with `value` to the longest: [len(rows), longest]."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), value, dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return torch.from_numpy(out)
+
+
 class AstreaCollator:
     """Examples -> `input_ids`, `attention_mask`, `labels` (assistant turns only) and `expert_features`."""
 
@@ -131,6 +141,8 @@ class AstreaCollator:
         self.cache = cache
         self.experts = experts
         self._memo: dict[tuple, object] = {}  # rendered and tokenized texts repeat: each is made once
+        self._rows: dict[tuple, tuple[np.ndarray, ...]] = {}  # and so do whole rows, once an epoch
+        self._row_tokens = 0
 
     def _memoised(self, key: tuple, make):
         value = self._memo.get(key)
@@ -202,7 +214,7 @@ class AstreaCollator:
 
     def length(self, example: dict) -> int:
         """Tokens of an example's row (for checking against a maximum length, and for length grouping)."""
-        return len(self.row(example)[0])
+        return len(self._row_arrays(example)[0])
 
     def row(self, example: dict) -> tuple[list[int], list[int], list[int]]:
         """(input ids, labels, branch ids) of an example's row. An example with `branches` (conversations about
@@ -210,6 +222,25 @@ class AstreaCollator:
         what comes before the first question) once, then each conversation's own tokens as branch 1, 2, ...; the
         model keeps the branches from seeing each other (`branch_attention`), so each is computed exactly as it
         would be alone. Branch ids are 0 elsewhere."""
+        return tuple(part.tolist() for part in self._row_arrays(example))
+
+    def _row_arrays(self, example: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`row` as int32 arrays, made once per distinct row (while ROW_MEMO_TOKENS lasts); not to be changed."""
+        if "branches" in example:
+            conversations, frames = example["branches"], tuple(example.get("frames") or ())
+        else:
+            _, messages, frames = as_conversation(example)
+            conversations = [messages]
+        key = (frames, *(tuple((m["role"], m["content"]) for m in messages) for messages in conversations))
+        row = self._rows.get(key)
+        if row is None:
+            row = tuple(np.asarray(part, dtype=np.int32) for part in self._row(example))
+            if self._row_tokens + len(row[0]) <= ROW_MEMO_TOKENS:
+                self._rows[key] = row
+                self._row_tokens += len(row[0])
+        return row
+
+    def _row(self, example: dict) -> tuple[list[int], list[int], list[int]]:
         if "branches" not in example or len(example["branches"]) == 1:
             _, messages, frames = as_conversation(example)
             ids, labels = self.tokenize(messages, frames)
@@ -244,20 +275,18 @@ class AstreaCollator:
     def __call__(self, examples: list[dict]) -> dict:
         rows, labels, branches, keys = [], [], [], []
         for example in examples:
-            ids, row_labels, branch_ids = self.row(example)
+            ids, row_labels, branch_ids = self._row_arrays(example)
             rows.append(ids)
             labels.append(row_labels)
             branches.append(branch_ids)
             keys += as_conversation(example)[0]
-        length = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
         batch = {
-            "input_ids": torch.tensor([row + [pad] * (length - len(row)) for row in rows]),
-            "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
-            "labels": torch.tensor([label + [-100] * (length - len(label)) for label in labels]),
+            "input_ids": padded(rows, self.tokenizer.pad_token_id),
+            "attention_mask": padded([np.ones(len(row), dtype=np.int64) for row in rows], 0),
+            "labels": padded(labels, -100),
         }
-        if any(any(row) for row in branches):
-            batch["branch_ids"] = torch.tensor([row + [0] * (length - len(row)) for row in branches])
+        if any(row.any() for row in branches):
+            batch["branch_ids"] = padded(branches, 0)
         return batch | self._moco_texts(examples) | self._features(keys)
 
     def _moco_texts(self, examples: list[dict]) -> dict:
@@ -273,12 +302,10 @@ class AstreaCollator:
             ids, labels = ([], []) if not text else self.tokenize(caption_request(text))
             rows.append(ids)
             pools.append([label != -100 for label in labels])
-        length = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
         return {
-            "moco_input_ids": torch.tensor([row + [pad] * (length - len(row)) for row in rows]),
-            "moco_attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows]),
-            "moco_pool_mask": torch.tensor([pool + [False] * (length - len(pool)) for pool in pools]),
+            "moco_input_ids": padded(rows, self.tokenizer.pad_token_id),
+            "moco_attention_mask": padded([[1] * len(row) for row in rows], 0),
+            "moco_pool_mask": padded(pools, False, np.bool_),
         }
 
     def generation_inputs(self, examples: list[dict]) -> dict:

@@ -255,3 +255,32 @@ def test_image_bundles_group_each_images_conversations(processor):
     assert asked == sorted(["<image>\n" + q for q in questions] + ["hi"])
     batch = AstreaCollator(processor, Cache())(bundles)  # one batch of every kind of row
     assert batch["input_ids"].shape[0] == len(bundles) and "branch_ids" in batch
+
+
+def test_a_row_is_tokenized_once_and_the_callers_copy_is_its_own(processor):
+    """Rows repeat every epoch: the second batch of the same examples tokenizes nothing and equals the first, and
+    changing a returned row does not change what the next call returns."""
+    collator = AstreaCollator(processor, Cache())
+    chats = [
+        [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "red"}],
+        [{"role": "user", "content": "<image>\nHow many objects?"}, {"role": "assistant", "content": "two"}],
+    ]
+    examples = [
+        {"keys": ["k1"], "branches": chats, "frames": []},
+        {"keys": ["k2"], "messages": chats[0]},
+        {"key": "k3", "prompt": "Colour?", "answer": "blue"},
+    ]
+    calls = []
+    tokenize = collator.tokenize
+    collator.tokenize = lambda *args: calls.append(args) or tokenize(*args)
+    first = collator(examples)
+    assert len(calls) == 4  # two branches, one conversation, one shorthand
+    second = collator(examples)
+    assert len(calls) == 4 and first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first if key != "expert_features")
+    ids, labels, branch_ids = collator.row(examples[0])
+    expected = (list(ids), list(labels), list(branch_ids))
+    ids.append(7)
+    labels.clear()
+    branch_ids[0] = 5
+    assert collator.row(examples[0]) == expected
