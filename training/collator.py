@@ -234,19 +234,18 @@ class AstreaCollator:
         key = (frames, *(tuple((m["role"], m["content"]) for m in messages) for messages in conversations))
         row = self._rows.get(key)
         if row is None:
-            row = tuple(np.asarray(part, dtype=np.int32) for part in self._row(example))
+            made = self._row(conversations, frames, example.get("keys"))
+            row = tuple(np.asarray(part, dtype=np.int32) for part in made)
             if self._row_tokens + len(row[0]) <= ROW_MEMO_TOKENS:
                 self._rows[key] = row
                 self._row_tokens += len(row[0])
         return row
 
-    def _row(self, example: dict) -> tuple[list[int], list[int], list[int]]:
-        if "branches" not in example or len(example["branches"]) == 1:
-            _, messages, frames = as_conversation(example)
-            ids, labels = self.tokenize(messages, frames)
+    def _row(self, conversations: list, frames: tuple[int, ...], keys) -> tuple[list[int], list[int], list[int]]:
+        if len(conversations) == 1:
+            ids, labels = self.tokenize(list(conversations[0]), frames)
             return ids, labels, [0] * len(ids)
-        frames = tuple(example.get("frames") or ())
-        rendered = [self.tokenize(list(messages), frames) for messages in example["branches"]]
+        rendered = [self.tokenize(list(messages), frames) for messages in conversations]
         shared = 0
         first = rendered[0][0]
         while shared < len(first) and all(len(ids) > shared and ids[shared] == first[shared] for ids, _ in rendered):
@@ -258,7 +257,7 @@ class AstreaCollator:
         image = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         if any(image in ids[shared:] for ids, _ in rendered):
             raise ValueError(
-                f"The conversations bundled about images {example.get('keys')} differ before their last image, so "
+                f"The conversations bundled about images {keys} differ before their last image, so "
                 "they cannot share it; bundle only conversations that open with the same images."
             )
         ids, labels = list(first[:shared]), list(rendered[0][1][:shared])
