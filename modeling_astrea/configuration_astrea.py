@@ -213,6 +213,8 @@ class AstreaConfig(PreTrainedConfig):
     moco_train_fusion (`bool`): whether L_moco's gradient reaches the fusion (router and adapters) through its
         image side, as in the paper (the default); False trains MoCo's own heads only, on the fused tokens as the
         language-modelling loss shapes them (docs/design.md).
+    moco_standardize (`bool`): MoCo's heads read their pooled inputs standardized by running moments, updated from
+        each training batch (docs/design.md); False feeds them the pooled features as they are.
     residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
     """
 
@@ -262,6 +264,7 @@ class AstreaConfig(PreTrainedConfig):
     moco_lambda: float = 0.5
     moco_weight: float = 0.1
     moco_train_fusion: bool = True
+    moco_standardize: bool = True
 
     residual_gamma: float = 1.0
     residual_prob: float = 0.5

@@ -493,6 +493,52 @@ def text_hash(token_ids: list[int]) -> int:
     return value
 
 
+class RunningStandardization(nn.Module):
+    """Standardizes each feature by a running mean and variance, for MoCo's pooled inputs.
+
+    Mean-pooled visual tokens and text states are dominated by what every sample shares (on the demo's model the
+    pooled tokens vary across images by about 2% of their norm), and both drift while instruction tuning trains the
+    fusion and the LLM under MoCo's heads. Standardized, the heads see what tells samples apart, on a scale that
+    stays put. `update` (training only) moves the moments toward those of a batch, gathered over every process under
+    torch.distributed (so every process standardizes alike; each must call it, with any number of rows, none
+    included); the transform itself uses the stored moments, so it works for a batch of one and in evaluation alike.
+    A fresh module (no update yet) is the identity, and its first update takes the batch's moments whole."""
+
+    def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def reset(self):
+        self.mean.zero_()
+        self.var.fill_(1.0)
+        self.updates.zero_()
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor):
+        """features: [n, dim], n >= 0."""
+        # double precision: pooled features are mostly their shared part, and E[x^2] - E[x]^2 cancels most digits
+        features = features.detach().to(self.mean.device, torch.float64)
+        stats = torch.cat([features.new_tensor([features.shape[0]]), features.sum(0), features.square().sum(0)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        count, total, squares = stats[0], stats[1 : 1 + self.mean.numel()], stats[1 + self.mean.numel() :]
+        if count < 2:
+            return
+        mean = total / count
+        var = (squares / count - mean.square()).clamp(min=0) * count / (count - 1)
+        rate = 1.0 if int(self.updates) == 0 else self.momentum
+        self.mean.lerp_(mean.to(self.mean.dtype), rate)
+        self.var.lerp_(var.to(self.var.dtype), rate)
+        self.updates.add_(1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        mean, var = self.mean.to(features.dtype), self.var.to(features.dtype)
+        return (features - mean) * var.clamp(min=self.eps).rsqrt()
+
+
 class AstreaMoCo(nn.Module):
     """Momentum contrast between images and their text (Sec. 3.2.1, as docs/design.md reads Eq. 5-8).
 
@@ -503,7 +549,8 @@ class AstreaMoCo(nn.Module):
     torch.distributed); the column term (c_i) ranks, for each text through the online text head, its image among the
     batch's images, and is what trains the text head. A candidate whose text is the positive's own (`text_ids`, a
     hash of the text's tokens) is left out of both: another image asked the same question with the same answer is
-    not a negative.
+    not a negative. With `config.moco_standardize`, both heads read their inputs standardized by running moments
+    (`RunningStandardization`): the image side's and the text side's, updated by each training batch.
 
     The EMA update (Eq. 8) belongs once to each optimizer step, before that step's keys are computed (as in MoCo).
     By default `forward` makes it in training mode, which is once per step in a plain training loop; a trainer that
@@ -527,6 +574,9 @@ class AstreaMoCo(nn.Module):
         self.head = head()  # images (queries)
         self.text_head = head()  # texts, online (the column term)
         self.momentum_head = copy.deepcopy(self.text_head).requires_grad_(False)  # texts, keys (Eq. 8)
+        self.standardize = config.moco_standardize
+        self.image_norm = RunningStandardization(hidden)  # the identity without moco_standardize
+        self.text_norm = RunningStandardization(hidden)
         self.register_buffer("queue", torch.zeros(config.moco_queue_size, config.moco_embed_dim))
         self.register_buffer("queue_text_ids", torch.zeros(config.moco_queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -586,11 +636,18 @@ class AstreaMoCo(nn.Module):
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
 
     def embed_images(self, pooled_visual: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(pooled_visual), dim=-1)
+        return F.normalize(self.head(self.image_norm(pooled_visual)), dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, pooled_text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.momentum_head(pooled_text), dim=-1)
+        return F.normalize(self.momentum_head(self.text_norm(pooled_text)), dim=-1)
+
+    def update_standardization(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor):
+        """A training batch's pairs move the running moments (with `moco_standardize`; every process calls this
+        under torch.distributed, with its pairs or none)."""
+        if self.standardize:
+            self.image_norm.update(pooled_visual)
+            self.text_norm.update(pooled_text)
 
     def forward(
         self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor, text_ids: torch.Tensor | None = None
@@ -600,12 +657,14 @@ class AstreaMoCo(nn.Module):
         candidates each term counts)."""
         if self.training and self.update_in_forward:
             self.momentum_update()
+        if self.training:
+            self.update_standardization(pooled_visual, pooled_text)
         batch = pooled_visual.shape[0]
         if text_ids is None:
             text_ids = self.distinct_text_ids(batch, pooled_visual.device)
         queries = self.embed_images(pooled_visual)  # [B, d]
         keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d], momentum text head
-        texts = F.normalize(self.text_head(pooled_text), dim=-1).to(queries.dtype)  # [B, d], online text head
+        texts = F.normalize(self.text_head(self.text_norm(pooled_text)), dim=-1).to(queries.dtype)  # online text head
         queued = int(self.queue_len)
         negatives = self.queue[:queued].to(queries.dtype).clone()  # [n, d]
         # a candidate with the positive's own text is not a negative: left out of both softmaxes
@@ -629,6 +688,8 @@ class AstreaMoCo(nn.Module):
         key exchange (which would otherwise wait for it forever) and returns a zero that touches the head's
         parameters, so that DDP's gradient reduction finds every parameter used."""
         if self.training:
+            hidden = self.image_norm.mean.shape[0]
+            self.update_standardization(self.queue.new_zeros(0, hidden), self.queue.new_zeros(0, hidden))
             self.enqueue(self.queue.new_zeros(0, self.queue.shape[-1]), self.queue_text_ids.new_zeros(0))
         heads = [*self.head.parameters(), *self.text_head.parameters()]
         return sum(p.sum() * 0.0 for p in heads if p.requires_grad) + self.queue.new_zeros(())
@@ -698,6 +759,8 @@ class AstreaPreTrainedModel(PreTrainedModel):
             module.queue_text_ids.zero_()
             module.queue_ptr.zero_()
             module.queue_len.zero_()
+        elif isinstance(module, RunningStandardization):  # (also what a checkpoint from before it gets: the identity)
+            module.reset()
 
 
 class AstreaModel(AstreaPreTrainedModel):

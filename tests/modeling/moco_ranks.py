@@ -33,7 +33,14 @@ for inputs in steps:
     output.loss.backward()
     moco_losses.append(None if output.loss_moco is None else float(output.loss_moco))
 torch.save(
-    {"queue": model.moco.queue.clone(), "queue_len": int(model.moco.queue_len), "moco": moco_losses},
+    {
+        "queue": model.moco.queue.clone(),
+        "queue_len": int(model.moco.queue_len),
+        "moco": moco_losses,
+        "norm_updates": int(model.moco.image_norm.updates),
+        "image_mean": model.moco.image_norm.mean.clone(),
+        "text_var": model.moco.text_norm.var.clone(),
+    },
     out / f"{rank}.pt",
 )
 torch.distributed.destroy_process_group()

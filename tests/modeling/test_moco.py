@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from astrea_testing import prompt_ids, random_pixels
 
 from modeling_astrea import AstreaConfig, AstreaForConditionalGeneration
-from modeling_astrea.modeling_astrea import AstreaMoCo
+from modeling_astrea.modeling_astrea import AstreaMoCo, RunningStandardization
 
 
 def make_moco(tiny_config, **overrides) -> AstreaMoCo:
@@ -189,6 +189,11 @@ def test_processes_with_different_pair_counts_and_one_with_none_share_one_queue(
     assert ranks[0]["queue_len"] == ranks[1]["queue_len"] == 2 + 1 + 1
     torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])
     assert ranks[0]["queue"][:4].abs().sum(dim=1).gt(0).all()  # four real (normalised) keys
+    # the standardization's moments are taken over both processes' pairs: 3 in the first step (one update), 1 in
+    # the second (too few for a variance, no update), and the same on both
+    assert ranks[0]["norm_updates"] == ranks[1]["norm_updates"] == 1
+    torch.testing.assert_close(ranks[0]["image_mean"], ranks[1]["image_mean"])
+    torch.testing.assert_close(ranks[0]["text_var"], ranks[1]["text_var"])
 
 
 def test_with_num_items_in_batch_the_loss_is_this_micro_batchs_share(tiny_config):
@@ -337,3 +342,46 @@ def test_a_moco_text_of_its_own_replaces_the_rows_text(tiny_config):
         moco_pool_mask=moco_pool,
     )
     assert torch.isfinite(output.loss_moco)
+
+
+def test_standardization_starts_as_the_identity_then_follows_the_batches_moments():
+    norm = RunningStandardization(3, momentum=0.25)
+    rows = torch.randn(5, 3)
+    assert torch.equal(norm(rows), rows)  # nothing learnt yet: the identity
+    first = torch.randn(64, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 7.0])
+    norm.update(first)  # the first batch's moments, whole
+    torch.testing.assert_close(norm(first).mean(dim=0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm(first).std(dim=0), torch.ones(3), atol=1e-4, rtol=0)
+    second = torch.randn(16, 3) * 2 + 3
+    norm.update(second)  # a quarter of the way to the second batch's
+    torch.testing.assert_close(norm.mean, first.mean(0) + 0.25 * (second.mean(0) - first.mean(0)))
+    torch.testing.assert_close(norm.var, first.var(0) + 0.25 * (second.var(0) - first.var(0)))
+    norm.update(torch.randn(1, 3))  # one row has no variance to take
+    norm.update(torch.randn(0, 3))
+    assert int(norm.updates) == 2
+    torch.testing.assert_close(norm(second[:1]), (second[:1] - norm.mean) / norm.var.sqrt())  # a batch of one
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_moco_heads_read_standardized_inputs_updated_in_training_only(tiny_config, standardize):
+    moco = make_moco(tiny_config, moco_standardize=standardize)
+    # pooled features as they come: a large shared part and small differences between samples
+    visual, text = 3.0 + 0.01 * torch.randn(8, 32), 1.0 + 0.1 * torch.randn(8, 32)
+    moco.eval()
+    moco(visual, text)
+    assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0  # evaluation leaves the moments
+    moco.train()
+    moco(visual, text)
+    with torch.no_grad():
+        if standardize:
+            torch.testing.assert_close(moco.image_norm.mean, visual.mean(0))
+            torch.testing.assert_close(moco.text_norm.var, text.var(0))
+            seen_visual = (visual - visual.mean(0)) / visual.var(0).sqrt()
+            seen_text = (text - text.mean(0)) / text.var(0).sqrt()
+        else:
+            assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0
+            seen_visual, seen_text = visual, text
+        # (to float32's rounding of the small differences from the large shared part)
+        close = {"atol": 1e-4, "rtol": 1e-4}
+        torch.testing.assert_close(moco.embed_images(visual), F.normalize(moco.head(seen_visual), dim=-1), **close)
+        torch.testing.assert_close(moco.embed_texts(text), F.normalize(moco.momentum_head(seen_text), dim=-1), **close)

@@ -144,3 +144,22 @@ def test_inputs_embeds_with_images_give_the_input_ids_logits(tiny_model, tiny_co
         with pytest.raises(ValueError, match="2 images were given"):
             tiny_model(inputs_embeds=embeds, **two_images)
     torch.testing.assert_close(from_embeds, from_ids)
+
+
+def test_a_checkpoint_from_before_the_moco_standardization_loads_it_as_the_identity(tiny_model, tmp_path):
+    """A folder saved before `RunningStandardization` existed lacks its moments: they load as the identity, and the
+    MoCo heads keep their own weights (the momentum head is not re-copied from the online one)."""
+    from safetensors.torch import load_file, save_file
+
+    with torch.no_grad():
+        tiny_model.moco.momentum_head[0].weight.add_(1.0)  # unlike the online head, as after training
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old = {key: value for key, value in weights.items() if not key.startswith(("moco.image_norm.", "moco.text_norm."))}
+    assert len(old) == len(weights) - 6  # mean, var, updates of the image side and the text side
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AstreaForConditionalGeneration.from_pretrained(tmp_path)
+    for norm in (loaded.moco.image_norm, loaded.moco.text_norm):
+        assert torch.equal(norm.mean, torch.zeros_like(norm.mean)) and torch.equal(norm.var, torch.ones_like(norm.var))
+        assert int(norm.updates) == 0
+    torch.testing.assert_close(loaded.moco.momentum_head[0].weight, tiny_model.moco.momentum_head[0].weight)
