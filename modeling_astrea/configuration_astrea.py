@@ -213,8 +213,9 @@ class AstreaConfig(PreTrainedConfig):
     moco_train_fusion (`bool`): whether L_moco's gradient reaches the fusion (router and adapters) through its
         image side, as in the paper (the default); False trains MoCo's own heads only, on the fused tokens as the
         language-modelling loss shapes them (docs/design.md).
-    moco_standardize (`bool`): MoCo's heads read their pooled inputs standardized by running moments, updated from
-        each training batch (docs/design.md); False feeds them the pooled features as they are.
+    moco_standardize (`bool`): MoCo's heads read their pooled inputs standardized per feature, in training by the
+        batch's mean and variance, otherwise by running ones (docs/design.md); False feeds them the pooled features
+        as they are.
     residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
     """
 

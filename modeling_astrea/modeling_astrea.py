@@ -494,15 +494,16 @@ def text_hash(token_ids: list[int]) -> int:
 
 
 class RunningStandardization(nn.Module):
-    """Standardizes each feature by a running mean and variance, for MoCo's pooled inputs.
+    """Standardizes each feature, for MoCo's pooled inputs: in training by the batch's own mean and variance (gathered
+    over every process under torch.distributed), otherwise by running ones.
 
-    Mean-pooled visual tokens and text states are dominated by what every sample shares (on the demo's model the
-    pooled tokens vary across images by about 2% of their norm), and both drift while instruction tuning trains the
-    fusion and the LLM under MoCo's heads. Standardized, the heads see what tells samples apart, on a scale that
-    stays put. `update` (training only) moves the moments toward those of a batch, gathered over every process under
-    torch.distributed (so every process standardizes alike; each must call it, with any number of rows, none
-    included); the transform itself uses the stored moments, so it works for a batch of one and in evaluation alike.
-    A fresh module (no update yet) is the identity, and its first update takes the batch's moments whole."""
+    Mean-pooled visual tokens and text states are mostly what every sample shares (on the demo's model the pooled
+    tokens differ between images by about 2% of their norm), and that shared part moves while instruction tuning
+    trains the fusion and the LLM under MoCo's heads. Standardized, the heads see what tells the batch's samples
+    apart, on a scale that stays put. `update` (training) returns the batch's moments and folds them into the
+    running ones, which evaluation and a batch too small for a variance (fewer than two rows over all processes) use.
+    Every process must call `update` under torch.distributed, with any number of rows (none included). A fresh module
+    (no update yet) is the identity, and its first update takes the batch's moments whole."""
 
     def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-5):
         super().__init__()
@@ -517,8 +518,9 @@ class RunningStandardization(nn.Module):
         self.updates.zero_()
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor):
-        """features: [n, dim], n >= 0."""
+    def update(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """features: [n, dim], n >= 0 -> the batch's (mean, variance) over every process, or None (fewer than two
+        rows in all)."""
         # double precision: pooled features are mostly their shared part, and E[x^2] - E[x]^2 cancels most digits
         features = features.detach().to(self.mean.device, torch.float64)
         stats = torch.cat([features.new_tensor([features.shape[0]]), features.sum(0), features.square().sum(0)])
@@ -526,17 +528,22 @@ class RunningStandardization(nn.Module):
             torch.distributed.all_reduce(stats)
         count, total, squares = stats[0], stats[1 : 1 + self.mean.numel()], stats[1 + self.mean.numel() :]
         if count < 2:
-            return
+            return None
         mean = total / count
         var = (squares / count - mean.square()).clamp(min=0) * count / (count - 1)
+        mean, var = mean.to(self.mean.dtype), var.to(self.var.dtype)
         rate = 1.0 if int(self.updates) == 0 else self.momentum
-        self.mean.lerp_(mean.to(self.mean.dtype), rate)
-        self.var.lerp_(var.to(self.var.dtype), rate)
+        self.mean.lerp_(mean, rate)
+        self.var.lerp_(var, rate)
         self.updates.add_(1)
+        return mean, var
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        mean, var = self.mean.to(features.dtype), self.var.to(features.dtype)
-        return (features - mean) * var.clamp(min=self.eps).rsqrt()
+    def forward(
+        self, features: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """features: [n, dim], standardized by `moments` (a batch's, from `update`) or else the running ones."""
+        mean, var = moments if moments is not None else (self.mean, self.var)
+        return (features - mean.to(features.dtype)) * var.clamp(min=self.eps).rsqrt().to(features.dtype)
 
 
 class AstreaMoCo(nn.Module):
@@ -549,8 +556,8 @@ class AstreaMoCo(nn.Module):
     torch.distributed); the column term (c_i) ranks, for each text through the online text head, its image among the
     batch's images, and is what trains the text head. A candidate whose text is the positive's own (`text_ids`, a
     hash of the text's tokens) is left out of both: another image asked the same question with the same answer is
-    not a negative. With `config.moco_standardize`, both heads read their inputs standardized by running moments
-    (`RunningStandardization`): the image side's and the text side's, updated by each training batch.
+    not a negative. With `config.moco_standardize`, both heads read their inputs standardized
+    (`RunningStandardization`): in training by the batch's moments, otherwise by running ones.
 
     The EMA update (Eq. 8) belongs once to each optimizer step, before that step's keys are computed (as in MoCo).
     By default `forward` makes it in training mode, which is once per step in a plain training loop; a trainer that
@@ -635,19 +642,20 @@ class AstreaMoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
 
-    def embed_images(self, pooled_visual: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.image_norm(pooled_visual)), dim=-1)
+    def embed_images(self, pooled_visual: torch.Tensor, moments=None) -> torch.Tensor:
+        return F.normalize(self.head(self.image_norm(pooled_visual, moments)), dim=-1)
 
     @torch.no_grad()
-    def embed_texts(self, pooled_text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.momentum_head(self.text_norm(pooled_text)), dim=-1)
+    def embed_texts(self, pooled_text: torch.Tensor, moments=None) -> torch.Tensor:
+        return F.normalize(self.momentum_head(self.text_norm(pooled_text, moments)), dim=-1)
 
-    def update_standardization(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor):
-        """A training batch's pairs move the running moments (with `moco_standardize`; every process calls this
-        under torch.distributed, with its pairs or none)."""
-        if self.standardize:
-            self.image_norm.update(pooled_visual)
-            self.text_norm.update(pooled_text)
+    def batch_moments(self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor) -> tuple:
+        """A training batch's moments of its image side and its text side (None each without `moco_standardize`, or
+        with too few pairs), folded into the running ones; every process calls this under torch.distributed, with
+        its pairs or none."""
+        if not self.standardize:
+            return None, None
+        return self.image_norm.update(pooled_visual), self.text_norm.update(pooled_text)
 
     def forward(
         self, pooled_visual: torch.Tensor, pooled_text: torch.Tensor, text_ids: torch.Tensor | None = None
@@ -657,14 +665,14 @@ class AstreaMoCo(nn.Module):
         candidates each term counts)."""
         if self.training and self.update_in_forward:
             self.momentum_update()
-        if self.training:
-            self.update_standardization(pooled_visual, pooled_text)
+        image_moments, text_moments = self.batch_moments(pooled_visual, pooled_text) if self.training else (None, None)
         batch = pooled_visual.shape[0]
         if text_ids is None:
             text_ids = self.distinct_text_ids(batch, pooled_visual.device)
-        queries = self.embed_images(pooled_visual)  # [B, d]
-        keys = self.embed_texts(pooled_text).to(queries.dtype)  # [B, d], momentum text head
-        texts = F.normalize(self.text_head(self.text_norm(pooled_text)), dim=-1).to(queries.dtype)  # online text head
+        queries = self.embed_images(pooled_visual, image_moments)  # [B, d]
+        keys = self.embed_texts(pooled_text, text_moments).to(queries.dtype)  # [B, d], momentum text head
+        texts = self.text_head(self.text_norm(pooled_text, text_moments))  # online text head
+        texts = F.normalize(texts, dim=-1).to(queries.dtype)
         queued = int(self.queue_len)
         negatives = self.queue[:queued].to(queries.dtype).clone()  # [n, d]
         # a candidate with the positive's own text is not a negative: left out of both softmaxes
@@ -689,7 +697,7 @@ class AstreaMoCo(nn.Module):
         parameters, so that DDP's gradient reduction finds every parameter used."""
         if self.training:
             hidden = self.image_norm.mean.shape[0]
-            self.update_standardization(self.queue.new_zeros(0, hidden), self.queue.new_zeros(0, hidden))
+            self.batch_moments(self.queue.new_zeros(0, hidden), self.queue.new_zeros(0, hidden))
             self.enqueue(self.queue.new_zeros(0, self.queue.shape[-1]), self.queue_text_ids.new_zeros(0))
         heads = [*self.head.parameters(), *self.text_head.parameters()]
         return sum(p.sum() * 0.0 for p in heads if p.requires_grad) + self.queue.new_zeros(())

@@ -363,25 +363,40 @@ def test_standardization_starts_as_the_identity_then_follows_the_batches_moments
 
 
 @pytest.mark.parametrize("standardize", [True, False])
-def test_moco_heads_read_standardized_inputs_updated_in_training_only(tiny_config, standardize):
+def test_moco_heads_read_inputs_standardized_by_the_batch_in_training_and_by_running_moments_after(
+    tiny_config, standardize
+):
     moco = make_moco(tiny_config, moco_standardize=standardize)
-    # pooled features as they come: a large shared part and small differences between samples
-    visual, text = 3.0 + 0.01 * torch.randn(8, 32), 1.0 + 0.1 * torch.randn(8, 32)
+    seen = {}
+    moco.head[0].register_forward_pre_hook(lambda module, args: seen.update(visual=args[0]))
+    moco.text_head[0].register_forward_pre_hook(lambda module, args: seen.update(text=args[0]))
+
+    def pooled(shift: float):  # pooled features as they come: a large shared part, small differences between samples
+        return shift + 0.01 * torch.randn(8, 32), 1.0 + shift + 0.1 * torch.randn(8, 32)
+
+    def standardized(rows, mean, var):
+        return (rows - mean) / var.sqrt()
+
+    first, second = pooled(3.0), pooled(3.5)
     moco.eval()
-    moco(visual, text)
+    moco(*first)
     assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0  # evaluation leaves the moments
     moco.train()
-    moco(visual, text)
+    moco(*first)
+    moco(*second)
+    close = {"atol": 1e-4, "rtol": 1e-4}  # float32's rounding of the small differences from the shared part
+    if not standardize:
+        assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0
+        torch.testing.assert_close(seen["visual"], second[0])
+        torch.testing.assert_close(seen["text"], second[1])
+        return
+    # in training, each batch by its own moments, however far the running ones lag
+    torch.testing.assert_close(seen["visual"], standardized(second[0], second[0].mean(0), second[0].var(0)), **close)
+    torch.testing.assert_close(seen["text"], standardized(second[1], second[1].mean(0), second[1].var(0)), **close)
+    # the running moments: the first batch's, then 5% of the way to the second's
+    torch.testing.assert_close(moco.image_norm.mean, first[0].mean(0) + 0.05 * (second[0].mean(0) - first[0].mean(0)))
+    torch.testing.assert_close(moco.text_norm.var, first[1].var(0) + 0.05 * (second[1].var(0) - first[1].var(0)))
+    moco.eval()  # retrieval: by the running moments
     with torch.no_grad():
-        if standardize:
-            torch.testing.assert_close(moco.image_norm.mean, visual.mean(0))
-            torch.testing.assert_close(moco.text_norm.var, text.var(0))
-            seen_visual = (visual - visual.mean(0)) / visual.var(0).sqrt()
-            seen_text = (text - text.mean(0)) / text.var(0).sqrt()
-        else:
-            assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0
-            seen_visual, seen_text = visual, text
-        # (to float32's rounding of the small differences from the large shared part)
-        close = {"atol": 1e-4, "rtol": 1e-4}
-        torch.testing.assert_close(moco.embed_images(visual), F.normalize(moco.head(seen_visual), dim=-1), **close)
-        torch.testing.assert_close(moco.embed_texts(text), F.normalize(moco.momentum_head(seen_text), dim=-1), **close)
+        expected = F.normalize(moco.head(standardized(second[0], moco.image_norm.mean, moco.image_norm.var)), dim=-1)
+        torch.testing.assert_close(moco.embed_images(second[0]), expected, **close)
