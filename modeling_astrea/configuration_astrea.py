@@ -214,8 +214,10 @@ class AstreaConfig(PreTrainedConfig):
         image side, as in the paper (the default); False trains MoCo's own heads only, on the fused tokens as the
         language-modelling loss shapes them (docs/design.md).
     moco_standardize (`bool`): MoCo's heads read their pooled inputs standardized per feature, in training by the
-        batch's mean and variance, otherwise by running ones (docs/design.md); False feeds them the pooled features
-        as they are.
+        batch's mean and variance, otherwise by running ones (docs/design.md). False takes no moments from batches:
+        the stored ones still apply (the identity, unless a training with it on moved them). A config saved before
+        this field existed gets True: its checkpoint's moments load as the identity, and its next training step
+        starts standardizing.
     residual_gamma, residual_prob: random residual attention of pre-alignment (Eq. 2-4).
     """
 

@@ -498,9 +498,9 @@ class RunningStandardization(nn.Module):
     over every process under torch.distributed), otherwise by running ones.
 
     Mean-pooled visual tokens and text states are mostly what every sample shares (on the demo's models the mean over
-    images holds 95-99.7% of a pooled vector's norm), and that shared part moves while instruction tuning trains the
-    fusion and the LLM under MoCo's heads. Standardized, the heads see what tells the batch's samples
-    apart, on a scale that stays put. `update` (training) returns the batch's moments and folds them into the
+    images has 95-99.7% of a pooled vector's mean norm), and that shared part moves while instruction tuning trains
+    the fusion and the LLM under MoCo's heads. Standardized, the heads see what tells the batch's samples apart, on a
+    scale that stays put. `update` (training) returns the batch's moments and folds them into the
     running ones, which evaluation and a batch too small for a variance (fewer than two rows over all processes) use.
     Every process must call `update` under torch.distributed, with any number of rows (none included). A fresh module
     (no update yet) is the identity, and its first update takes the batch's moments whole."""
@@ -517,10 +517,19 @@ class RunningStandardization(nn.Module):
         self.var.fill_(1.0)
         self.updates.zero_()
 
+    def _keep_float32(self):
+        """The moments stay float32 whatever a cast of the whole model made of them (`.to(torch.bfloat16)`, ZeRO-3's
+        initialisation): a bf16 mean does not move at a rate of 0.05."""
+        if self.mean.dtype != torch.float32:
+            self.mean, self.var = self.mean.float(), self.var.float()
+        if self.updates.dtype != torch.long:  # (loading in bf16 makes every tensor of the module float32)
+            self.updates = self.updates.long()
+
     @torch.no_grad()
     def update(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """features: [n, dim], n >= 0 -> the batch's (mean, variance) over every process, or None (fewer than two
-        rows in all)."""
+        """features: [n, dim], n >= 0 -> the batch's (mean, variance) over every process (float32), or None (fewer
+        than two rows in all). Counted per call: under gradient accumulation, per micro-batch."""
+        self._keep_float32()
         # double precision: pooled features are mostly their shared part, and E[x^2] - E[x]^2 cancels most digits
         features = features.detach().to(self.mean.device, torch.float64)
         stats = torch.cat([features.new_tensor([features.shape[0]]), features.sum(0), features.square().sum(0)])
@@ -531,7 +540,7 @@ class RunningStandardization(nn.Module):
             return None
         mean = total / count
         var = (squares / count - mean.square()).clamp(min=0) * count / (count - 1)
-        mean, var = mean.to(self.mean.dtype), var.to(self.var.dtype)
+        mean, var = mean.float(), var.float()
         rate = 1.0 if int(self.updates) == 0 else self.momentum
         self.mean.lerp_(mean, rate)
         self.var.lerp_(var, rate)
@@ -541,9 +550,12 @@ class RunningStandardization(nn.Module):
     def forward(
         self, features: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """features: [n, dim], standardized by `moments` (a batch's, from `update`) or else the running ones."""
+        """features: [n, dim], standardized by `moments` (a batch's, from `update`) or else the running ones, in
+        float32 and returned in the features' dtype. The moments are constants to the gradient."""
+        self._keep_float32()
         mean, var = moments if moments is not None else (self.mean, self.var)
-        return (features - mean.to(features.dtype)) * var.clamp(min=self.eps).rsqrt().to(features.dtype)
+        standardized = (features.float() - mean.float()) * var.float().clamp(min=self.eps).rsqrt()
+        return standardized.to(features.dtype)
 
 
 class AstreaMoCo(nn.Module):
@@ -582,7 +594,8 @@ class AstreaMoCo(nn.Module):
         self.text_head = head()  # texts, online (the column term)
         self.momentum_head = copy.deepcopy(self.text_head).requires_grad_(False)  # texts, keys (Eq. 8)
         self.standardize = config.moco_standardize
-        self.image_norm = RunningStandardization(hidden)  # the identity without moco_standardize
+        # without moco_standardize no batch moves the moments: the identity, or those of a training with it on
+        self.image_norm = RunningStandardization(hidden)
         self.text_norm = RunningStandardization(hidden)
         self.register_buffer("queue", torch.zeros(config.moco_queue_size, config.moco_embed_dim))
         self.register_buffer("queue_text_ids", torch.zeros(config.moco_queue_size, dtype=torch.long))
@@ -1260,6 +1273,9 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     # adapters and MoCo are replicated.
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    # MoCo's standardization moments stay float32 when the model is loaded in bf16 or fp16 (RunningStandardization)
+    _keep_in_fp32_modules_strict = ["image_norm", "text_norm"]
 
     def __init__(self, config: AstreaConfig):
         super().__init__(config)

@@ -362,6 +362,21 @@ def test_standardization_starts_as_the_identity_then_follows_the_batches_moments
     torch.testing.assert_close(norm(second[:1]), (second[:1] - norm.mean) / norm.var.sqrt())  # a batch of one
 
 
+def test_standardization_moments_stay_float32_in_a_bf16_model(tiny_config):
+    """A bf16 mean would not move at a rate of 0.05: cast with the model, the moments come back to float32."""
+    norm = RunningStandardization(3).to(torch.bfloat16)
+    first, second = torch.full((4, 3), 3.0) + torch.randn(4, 3), torch.full((4, 3), 3.1) + torch.randn(4, 3)
+    norm.update(first.bfloat16())
+    norm.update(second.bfloat16())
+    assert norm.mean.dtype == norm.var.dtype == torch.float32
+    batch = [rows.bfloat16().double() for rows in (first, second)]
+    expected = batch[0].mean(0) + 0.05 * (batch[1].mean(0) - batch[0].mean(0))
+    torch.testing.assert_close(norm.mean, expected.float())
+    assert norm(second.bfloat16()).dtype == torch.bfloat16
+    model = AstreaForConditionalGeneration(tiny_config)
+    assert "image_norm" in model._keep_in_fp32_modules_strict  # and from_pretrained(dtype=bf16) loads them so
+
+
 @pytest.mark.parametrize("standardize", [True, False])
 def test_moco_heads_read_inputs_standardized_by_the_batch_in_training_and_by_running_moments_after(
     tiny_config, standardize
@@ -370,6 +385,7 @@ def test_moco_heads_read_inputs_standardized_by_the_batch_in_training_and_by_run
     seen = {}
     moco.head[0].register_forward_pre_hook(lambda module, args: seen.update(visual=args[0]))
     moco.text_head[0].register_forward_pre_hook(lambda module, args: seen.update(text=args[0]))
+    moco.momentum_head[0].register_forward_pre_hook(lambda module, args: seen.update(keys=args[0]))
 
     def pooled(shift: float):  # pooled features as they come: a large shared part, small differences between samples
         return shift + 0.01 * torch.randn(8, 32), 1.0 + shift + 0.1 * torch.randn(8, 32)
@@ -389,10 +405,12 @@ def test_moco_heads_read_inputs_standardized_by_the_batch_in_training_and_by_run
         assert int(moco.image_norm.updates) == int(moco.text_norm.updates) == 0
         torch.testing.assert_close(seen["visual"], second[0])
         torch.testing.assert_close(seen["text"], second[1])
+        torch.testing.assert_close(seen["keys"], second[1])
         return
     # in training, each batch by its own moments, however far the running ones lag
     torch.testing.assert_close(seen["visual"], standardized(second[0], second[0].mean(0), second[0].var(0)), **close)
     torch.testing.assert_close(seen["text"], standardized(second[1], second[1].mean(0), second[1].var(0)), **close)
+    torch.testing.assert_close(seen["keys"], seen["text"])  # the momentum head reads what the online one reads
     # the running moments: the first batch's, then 5% of the way to the second's
     torch.testing.assert_close(moco.image_norm.mean, first[0].mean(0) + 0.05 * (second[0].mean(0) - first[0].mean(0)))
     torch.testing.assert_close(moco.text_norm.var, first[1].var(0) + 0.05 * (second[1].var(0) - first[1].var(0)))
