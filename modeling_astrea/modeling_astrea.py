@@ -503,7 +503,8 @@ class RunningStandardization(nn.Module):
     scale that stays put. `update` (training) returns the batch's moments and folds them into the
     running ones, which evaluation and a batch too small for a variance (fewer than two rows over all processes) use.
     Every process must call `update` under torch.distributed, with any number of rows (none included). A fresh module
-    (no update yet) is the identity, and its first update takes the batch's moments whole."""
+    (no update yet) is the identity, and its first update takes the batch's moments whole. (`nn.BatchNorm1d` refuses a
+    training batch of one row and gathers nothing across processes; `SyncBatchNorm` runs on GPUs only.)"""
 
     def __init__(self, dim: int, momentum: float = 0.05, eps: float = 1e-5):
         super().__init__()
@@ -553,9 +554,8 @@ class RunningStandardization(nn.Module):
         """features: [n, dim], standardized by `moments` (a batch's, from `update`) or else the running ones, in
         float32 and returned in the features' dtype. The moments are constants to the gradient."""
         self._keep_float32()
-        mean, var = moments if moments is not None else (self.mean, self.var)
-        standardized = (features.float() - mean.float()) * var.float().clamp(min=self.eps).rsqrt()
-        return standardized.to(features.dtype)
+        mean, var = moments if moments is not None else (self.mean, self.var)  # float32 either way
+        return ((features.float() - mean) * var.clamp(min=self.eps).rsqrt()).to(features.dtype)
 
 
 class AstreaMoCo(nn.Module):
