@@ -4,12 +4,15 @@ Each stage is a TRL `SFTTrainer` run over examples whose expert features come fr
 expert backbones run once per image for the whole recipe. Every stage writes its own folder under
 `<output_dir>/stages/` (Trainer checkpoints, the model after the stage, and `stage.json` with its history); with
 `resume=True` finished stages are loaded instead of rerun, and an interrupted stage continues from its last
-checkpoint (optimizer, scheduler and RNG states included).
+checkpoint (optimizer, scheduler and RNG states included). The tiny recipe's pre-trained experts are kept in
+`<output_dir>/pretrained_experts.safetensors` for the same purpose.
 """
 
+import dataclasses
 import io
 import json
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -128,21 +131,8 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
     if records is None:
         dataset = load_data(recipe)
     model, processor = build_model(recipe)
-    spec = recipe.expert_pretraining
-    if spec.trains and not recipe.model.pretrained:
-        pretrain_experts(
-            model,
-            processor.image_processor,
-            dataset["train"],
-            spec.steps,
-            spec.learning_rate,
-            spec.batch_size,
-            spec.num_images,
-            recipe.seed,
-            spec.colour_experts,
-            spec.positions,
-            spec.expert_steps,
-        )
+    if recipe.expert_pretraining.trains and not recipe.model.pretrained:
+        tiny_experts(recipe, model, processor, dataset, output_dir / EXPERTS_FILE, resume)
     cache = open_cache(recipe, model, processor)
     ws = Workspace(recipe, model, processor, cache, None, None, output_dir, resume, list(callbacks or []))
     if records is not None:
@@ -157,6 +147,59 @@ def prepare(recipe: Recipe, resume: bool = False, callbacks=None) -> Workspace:
         logger.warning(f"feature cache, {split} split: {stats}")
         ws.data[split] = dataset[split].remove_columns("image")
     return ws
+
+
+#: the tiny recipe's pre-trained experts, beside the run's stages: what `--resume` (and every process but the first)
+#: loads instead of pre-training them again, which on another machine or thread count gives other weights
+EXPERTS_FILE = "pretrained_experts.safetensors"
+
+
+def tiny_experts(recipe: Recipe, model, processor, dataset, path: Path, resume: bool) -> None:
+    """Give `model` the tiny recipe's pre-trained experts (`expert_pretraining`): pre-trained by the first process
+    and written to `path`, or loaded from `path` where a resumed run (or the first process) wrote them, so every
+    stage of a run, resumed or not, and every process, sees the same experts."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    spec = recipe.expert_pretraining
+    # what decides the experts' weights: a resumed run whose recipe changes any of it pre-trains them again
+    made_by = json.dumps({"expert_pretraining": dataclasses.asdict(spec), "seed": recipe.seed}, sort_keys=True)
+    rank, world = process_rank()
+    load = False
+    if resume and path.is_file():
+        with safe_open(path, "pt") as saved:
+            load = (saved.metadata() or {}).get("made_by") == made_by
+        if load:
+            logger.warning(f"tiny experts: loading those the interrupted run pre-trained ({path})")
+        else:
+            logger.warning(f"tiny experts: {path} was made by another expert_pretraining or seed; pre-training again")
+    if not load:
+        if rank == 0:
+            pretrain_experts(
+                model,
+                processor.image_processor,
+                dataset["train"],
+                spec.steps,
+                spec.learning_rate,
+                spec.batch_size,
+                spec.num_images,
+                recipe.seed,
+                spec.colour_experts,
+                spec.positions,
+                spec.expert_steps,
+            )
+            experts = model.model.experts.state_dict()
+            state = {f"model.experts.{k}": v.detach().contiguous().clone() for k, v in experts.items()}
+            partial = path.with_name(path.name + ".partial")  # a run killed while writing leaves no half file
+            save_file(state, partial, metadata={"made_by": made_by})
+            os.replace(partial, path)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            return
+    unexpected = model.load_state_dict(load_file(path), strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
 
 
 REQUIRED_COLUMNS = ("image", "caption", "tags", "boxes", "labels", "masks", "questions")

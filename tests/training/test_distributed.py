@@ -62,6 +62,8 @@ DISTRIBUTED_RECIPE = {
     "instruct": {"steps": 3, "batch_size": 2, "gradient_accumulation_steps": 4, "save_steps": 1000,
                  "logging_steps": 1, "learning_rate": 1.0e-2},
     "eval": {"batch_size": 8, "max_new_tokens": 2},
+    # pre-trained by the first process and loaded by the other (and by a resumed run) from the output folder
+    "expert_pretraining": {"steps": 1, "batch_size": 4, "num_images": 8},
 }  # fmt: skip
 
 
@@ -155,6 +157,7 @@ def assert_same_weights(weights: dict, reference: dict, what: str, atol=1e-4, rt
 @pytest.mark.parametrize("name", list(ACCELERATE_CONFIGS))
 def test_each_shipped_config_runs_the_whole_recipe(launches, name):
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     result, out = launches[name]
     assert result.returncode == 0, result.stderr[-4000:]
@@ -166,6 +169,10 @@ def test_each_shipped_config_runs_the_whole_recipe(launches, name):
         for file in folder.glob("*.safetensors"):
             with safe_open(file, "pt") as weights:  # whole tensors: no ZeRO-3 slices written as the model
                 assert all(0 not in weights.get_slice(key).get_shape() for key in weights.keys()), folder
+    # the experts the first process pre-trained are those of the final model
+    experts = load_file(out / "pretrained_experts.safetensors")
+    final = final_weights(launches, name)
+    assert experts and all(torch.equal(final[key], tensor) for key, tensor in experts.items())
 
 
 @pytest.mark.distributed
@@ -189,6 +196,7 @@ def test_a_zero3_run_killed_mid_stage_resumes_to_the_same_weights(launches):
     resumed, _ = launches["zero3-resumed"]
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "stage 4-segmentation: finished in an earlier run, loading it" in resumed.stderr
+    assert "tiny experts: loading those the interrupted run pre-trained" in resumed.stderr
     record = json.loads((out / "stages" / "instruct" / "stage.json").read_text())
     assert record["resumed_from"] == 2 and [step for step, _ in record["loss"]] == [3]
     assert_same_weights(final_weights(launches, "zero3-resumed"), final_weights(launches, "zero3"), "resumed")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from astrea_testing import REPO, TINY
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from astrea.training import pipeline
@@ -177,6 +178,39 @@ def test_full_run_writes_model_metrics_and_plots(tmp_path, feature_cache_dir):
 def astrea_train(*args, timeout=300) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).with_name("astrea-train")), *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_resumed_run_loads_the_tiny_experts_its_first_run_pre_trained(tmp_path, feature_cache_dir, monkeypatch):
+    """The tiny experts are pre-trained once per run and written beside its stages; `--resume` loads them rather
+    than pre-training again (which on another machine or thread count gives other weights than the stages were
+    aligned with), unless the recipe now asks for other experts."""
+    pretraining = {"steps": 2, "batch_size": 4, "num_images": 8}
+    recipe = micro_recipe(tmp_path, feature_cache_dir, expert_pretraining=pretraining)
+    start = micro_recipe(tmp_path / "untrained", feature_cache_dir)  # the same model without pre-training
+    untrained = pipeline.build_model(start)[0].model.experts.state_dict()
+    first = pipeline.prepare(recipe).model.model.experts.state_dict()
+    path = tmp_path / "run" / pipeline.EXPERTS_FILE
+    saved = load_file(path)
+    assert set(saved) == {f"model.experts.{name}" for name in first}
+    assert all(torch.equal(saved[f"model.experts.{name}"], tensor) for name, tensor in first.items())
+    assert any(not torch.equal(untrained[name], tensor) for name, tensor in first.items())  # they were trained
+    # the file, not a second pre-training, is what a resumed run gets: altered here so the two cannot agree
+    key = next(name for name in saved if name.startswith("model.experts.caption.") and "weight" in name)
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    save_file({**saved, key: saved[key] + 1.0}, path, metadata=metadata)
+    calls = []
+    monkeypatch.setattr(pipeline, "pretrain_experts", lambda *args, **kwargs: calls.append(args) or {})
+    resumed = pipeline.prepare(recipe, resume=True).model.state_dict()
+    assert not calls
+    for name, tensor in saved.items():
+        torch.testing.assert_close(resumed[name], tensor + (1.0 if name == key else 0.0), rtol=0, atol=0)
+    # other expert_pretraining settings: pre-trained again (by the stand-in here) and written anew
+    changed_recipe = micro_recipe(tmp_path, feature_cache_dir, expert_pretraining={**pretraining, "steps": 3})
+    pipeline.prepare(changed_recipe, resume=True)
+    assert len(calls) == 1
+    rewritten = load_file(path)  # what the stand-in left: the untrained experts
+    assert all(torch.equal(rewritten[f"model.experts.{name}"], tensor) for name, tensor in untrained.items())
 
 
 @pytest.fixture(scope="module")
