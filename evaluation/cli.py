@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     probe.add_argument("--model", required=True, help="Astrea model folder")
     probe.add_argument("--num-images", type=int, default=1000, help="drawn images (80%% fit the probe, 20%% score it)")
     probe.add_argument("--seed", type=int, default=123)
+    probe.add_argument(
+        "--question-images",
+        type=int,
+        default=300,
+        help="drawn images whose left/right questions the model answers (0: none)",
+    )
     lmms = commands.add_parser("lmms-tasks", help="write a benchmark as lmms-eval tasks (for --include_path)")
     lmms.add_argument("--data", required=True, help="benchmark: a JSONL file or a datasets folder")
     lmms.add_argument("--split", default="test", help="split of a DatasetDict folder (default: test)")
@@ -108,6 +114,8 @@ def synthetic(args) -> int:
 def probe(args) -> int:
     if args.num_images < 10:
         raise ValueError(f"--num-images must be at least 10 (a fifth of them score the probe), got {args.num_images}.")
+    if args.question_images < 0:
+        raise ValueError(f"--question-images must be 0 or more, got {args.question_images}.")
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model} is not a model folder (no config.json).")
     import torch
@@ -115,13 +123,17 @@ def probe(args) -> int:
 
     import modeling_astrea  # noqa: F401  (registers Astrea with the Auto classes)
 
-    from .probe import feature_probe, probe_table
+    from .probe import feature_probe, left_right_probe, left_right_table, probe_table
 
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)  # on the CPU
     result = feature_probe(model, processor, args.num_images, args.seed)
     print(probe_table(result))
     print(f"({result['objects']} objects; probes fitted on 80% of the images, scored on the rest)")
+    if args.question_images:
+        print()
+        print(left_right_table(left_right_probe(model, processor, args.question_images, args.seed)))
+        print("(which object's side each answer names: the question's first-named object is the one asked about)")
     return 0
 
 

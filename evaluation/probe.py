@@ -9,10 +9,16 @@ once the features are standardised, an attention head reads the features as they
 finds but that explains little of the variance is one the LLM may still fail to look objects up by. Probed: each
 expert's own features, and the visual tokens the LLM reads (`get_image_features`, routed without a prompt).
 
+Then which object the model's left/right answers follow (`left_right_probe`): on drawn images it is asked "Is the
+X on the left or the right?" and "Is the X left or right of the Y?", and each answer is compared with the side of
+the image that X's centre is in and that Y's is in. A model that compares the two objects answers with X's side
+wherever they lie in different halves; one that reads the wrong object answers with Y's.
+
     astrea-eval probe --model outputs/demo/model
 """
 
 import random
+import re
 
 import torch
 
@@ -133,4 +139,123 @@ def probe_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["column_scores", "feature_probe", "fit_probe", "probe_table", "variance_share"]
+#: the synthetic set's two left/right questions (training/data.py `_questions`): about one object, and about one
+#: object against another
+SIDE_QUESTION = re.compile(r"Is the (?P<first>.+) on the left or the right\?")
+POSITION_QUESTION = re.compile(r"Is the (?P<first>.+) left or right of the (?P<second>.+)\?")
+
+
+def left_right_rows(num_images: int = 300, seed: int = 123) -> list[dict]:
+    """The left/right questions of `num_images` drawn images (every object asked about, the position question both
+    ways round), as benchmark rows (`predict`'s input) with what an answer is compared with: "answer", and the
+    sides of the image that the first- and second-named object's centres are in ("first", "second"); "image_index"
+    and "named" which image and objects a row asks about."""
+    from astrea.training.data import draw_example
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(num_images):
+        example = draw_example(rng, 64, every_object=True)
+        sides = {
+            label: "left" if (box[0] + box[2]) / 2 < 0.5 else "right"
+            for label, box in zip(example["labels"], example["boxes"], strict=True)
+        }
+        for number, question in enumerate(example["questions"]):
+            match = SIDE_QUESTION.fullmatch(question["question"]) or POSITION_QUESTION.fullmatch(question["question"])
+            if match is None:
+                continue
+            named = match.groupdict()
+            rows.append(
+                {
+                    "id": f"{index}-{number}",
+                    "task": "vqa",
+                    "image": example["image"],
+                    "question": question["question"],
+                    "type": question["type"],
+                    "objects": len(sides),
+                    "answer": question["answer"],
+                    "first": sides[named["first"]],
+                    "second": sides[named["second"]] if "second" in named else None,
+                    "image_index": index,
+                    "named": [named["first"], named.get("second")],
+                }
+            )
+    return rows
+
+
+def left_right_agreement(rows: list[dict], answers: dict[str, str]) -> dict:
+    """{question type: {"n", "accuracy", "first", "second", "left", "same_both_ways"}}: of the rows' answers
+    (`answers`: row id -> text), the shares that are right, that name the first-named object's side, the
+    second-named one's (position questions), and that say "left"; and for position questions, of the pairs of
+    objects in different halves asked both ways round ("Is X left or right of Y?", "Is Y left or right of X?"), the
+    share answered the same both ways (0 for a model that compares them, 1 for one that ignores which is asked
+    about). Position questions also by the image's number of objects ("position, 2 objects", ...)."""
+    groups: dict[str, list[tuple[dict, str]]] = {}
+    for row in rows:
+        said = " ".join(answers[row["id"]].lower().replace(".", " ").split())
+        groups.setdefault(row["type"], []).append((row, said))
+        if row["type"] == "position":
+            groups.setdefault(f"position, {row['objects']} objects", []).append((row, said))
+    result = {}
+    for name, pairs in sorted(groups.items()):
+        said_right = [said == row["answer"] for row, said in pairs]
+        said_first = [said == row["first"] for row, said in pairs]
+        said_second = [row["second"] is not None and said == row["second"] for row, said in pairs]
+        said_left = [said == "left" for _, said in pairs]
+        # the same two objects, in different halves, asked both ways round: counted once per pair
+        answered = {
+            (row["image_index"], *row["named"]): said
+            for row, said in pairs
+            if row["second"] is not None and row["first"] != row["second"]
+        }
+        both_ways = [
+            said == answered[(image, second, first)]
+            for (image, first, second), said in answered.items()
+            if first < second and (image, second, first) in answered
+        ]
+        result[name] = {
+            "n": len(pairs),
+            "accuracy": round(sum(said_right) / len(pairs), 3),
+            "first": round(sum(said_first) / len(pairs), 3),
+            "second": round(sum(said_second) / len(pairs), 3) if name != "side" else None,
+            "left": round(sum(said_left) / len(pairs), 3),
+            "same_both_ways": round(sum(both_ways) / len(both_ways), 3) if both_ways else None,
+        }
+    return result
+
+
+@torch.no_grad()
+def left_right_probe(model, processor, num_images: int = 300, seed: int = 123, batch_size: int = 32) -> dict:
+    """`left_right_agreement` of the model's greedy answers to `left_right_rows`."""
+    from .benchmark import predict
+
+    rows = left_right_rows(num_images, seed)
+    answers = predict(model.eval(), processor, rows, batch_size=batch_size, max_new_tokens=4, progress=False)
+    return left_right_agreement(rows, answers)
+
+
+def left_right_table(result: dict) -> str:
+    lines = [
+        "| left/right question | n | right | first-named object's side | second-named object's side "
+        '| same answer both ways round | "left" |',
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in result.items():
+        second, both = (("" if s[key] is None else f"{s[key]:.1%}") for key in ("second", "same_both_ways"))
+        lines.append(
+            f"| {name} | {s['n']} | {s['accuracy']:.1%} | {s['first']:.1%} | {second} | {both} | {s['left']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "column_scores",
+    "feature_probe",
+    "fit_probe",
+    "left_right_agreement",
+    "left_right_probe",
+    "left_right_rows",
+    "left_right_table",
+    "probe_table",
+    "variance_share",
+]

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from astrea.evaluation.cli import main as astrea_eval
-from astrea.evaluation.probe import column_scores, feature_probe, variance_share
+from astrea.evaluation.probe import (
+    column_scores,
+    feature_probe,
+    left_right_agreement,
+    left_right_rows,
+    variance_share,
+)
 from modeling_astrea import AstreaForConditionalGeneration
 
 
@@ -53,11 +59,65 @@ def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config):
 
 
 def test_astrea_eval_probe_prints_a_table_and_checks_its_arguments(tiny_folder, capsys):
-    assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "20"]) == 0
+    assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "20", "--question-images", "0"]) == 0
     out = capsys.readouterr().out
     assert "| visual tokens |" in out and "| (chance) |" in out and "variance: shape" in out
+    assert "left/right question" not in out  # --question-images 0: no questions asked
     assert astrea_eval(["probe", "--model", str(tiny_folder), "--num-images", "5"]) == 2
     assert "--num-images must be at least 10" in capsys.readouterr().err
+    assert astrea_eval(["probe", "--model", str(tiny_folder), "--question-images", "-1"]) == 2
+    assert "--question-images must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_astrea_eval_probe_asks_the_left_right_questions(tiny_folder, capsys):
+    args = ["probe", "--model", str(tiny_folder), "--num-images", "10", "--question-images", "12"]
+    assert astrea_eval(args) == 0
+    out = capsys.readouterr().out
+    assert "| left/right question | n | right |" in out and "same answer both ways round" in out
+    assert "| side |" in out and "| position |" in out
+
+
+def test_left_right_rows_name_the_sides_of_the_objects_the_question_names():
+    rows = left_right_rows(num_images=40, seed=5)
+    assert {row["type"] for row in rows} == {"side", "position"}
+    for row in rows:
+        first, second = row["named"]
+        assert row["question"].startswith(f"Is the {first} ")
+        if row["type"] == "side":
+            assert second is None and row["second"] is None and row["answer"] == row["first"]
+        else:
+            assert row["question"].endswith(f" of the {second}?")
+            if row["first"] != row["second"]:  # in different halves the asked object's side is the answer
+                assert row["answer"] == row["first"]
+    # every position pair is asked both ways round
+    asked = {(row["image_index"], *row["named"]) for row in rows if row["type"] == "position"}
+    assert asked and all((image, second, first) in asked for image, first, second in asked)
+
+
+def test_left_right_agreement_tells_a_comparing_model_from_one_that_ignores_the_order():
+    rows = left_right_rows(num_images=60, seed=6)
+    position = [row for row in rows if row["type"] == "position"]
+    apart = [row for row in position if row["first"] != row["second"]]
+    assert apart
+    # the answers of a model that compares the two objects
+    right = left_right_agreement(rows, {row["id"]: row["answer"] for row in rows})
+    assert right["position"]["accuracy"] == right["side"]["accuracy"] == 1.0
+    assert right["position"]["same_both_ways"] == 0.0
+    # one that reads the second-named object: right only where both lie in the same half
+    second = left_right_agreement(rows, {row["id"]: row["second"] or row["first"] for row in rows})
+    assert second["position"]["second"] == 1.0 and second["position"]["same_both_ways"] == 0.0
+    same_half = sum(row["answer"] == row["second"] for row in position)
+    assert second["position"]["accuracy"] == round(same_half / len(position), 3)
+    # one that always says "left" (with a full stop and a capital): the same answer both ways round, every time
+    left = left_right_agreement(rows, {row["id"]: "Left." for row in rows})
+    assert left["position"]["left"] == 1.0 and left["position"]["same_both_ways"] == 1.0
+    assert left["side"]["accuracy"] == round(
+        sum(row["answer"] == "left" for row in rows if row["type"] == "side")
+        / sum(row["type"] == "side" for row in rows),
+        3,
+    )
+    by_count = sum(left[f"position, {n} objects"]["n"] for n in (2, 3))
+    assert by_count == len(position) and left["side"]["second"] is None
 
 
 @pytest.mark.parametrize("unseen", [False, True])
