@@ -777,9 +777,36 @@ def apply_lora(model, args: InstructArgs, trainable: list[torch.nn.Module]):
     return peft_model
 
 
-def instruct(ws: Workspace) -> dict:
+def focus_examples(examples: list[dict], text: str) -> list[dict]:
+    """The question-and-answer turns of `examples` whose question contains `text`, each as a conversation of its own
+    about the example's images (the image marker before the question, as evaluation asks)."""
+    out = []
+    for example in examples:
+        keys, messages, frames = as_conversation(example)
+        for user, assistant in zip(messages[::2], messages[1::2], strict=False):
+            if user.get("role") != "user" or not isinstance(user.get("content"), str):
+                continue
+            question = user["content"].replace("<image>", "").strip()
+            if text in question:
+                marker = "<image>\n" * len(keys) if keys else ""
+                out.append(
+                    {
+                        "keys": keys,
+                        "frames": list(frames),
+                        "messages": [
+                            {"role": "user", "content": marker + question},
+                            {"role": "assistant", "content": assistant["content"]},
+                        ],
+                        "type": example.get("type"),
+                    }
+                )
+    return out
+
+
+def instruct(ws: Workspace) -> list[dict]:
     """Instruction tuning (Sec. 3.2): router (and its prompt part), adapters, MoCo heads and the LLM (full or LoRA) on
-    the conversations."""
+    the conversations; with `instruct.focus_steps`, then the focus questions alone and the mix again. Returns each
+    stage's record."""
     spec = ws.recipe.instruct
     model = ws.model
     torch.manual_seed(ws.recipe.seed)  # LoRA's initialisation must not depend on what ran before in this process
@@ -800,24 +827,39 @@ def instruct(ws: Workspace) -> dict:
     if ws.records is None:
         examples = instruction_examples(ws.data["train"], ws.keys["train"], spec.tasks)
         captions = dict(zip(ws.keys["train"], ws.data["train"]["caption"], strict=True))
-        heldout = question_examples(ws.data["test"], ws.keys["test"])[:128]
+        heldout = question_examples(ws.data["test"], ws.keys["test"])
     else:
         examples = conversation_examples(ws.records["instruct"])
         captions = {r["keys"][0]: r["caption"] for r in ws.records["prealign"] if r.get("caption")}
-        heldout = conversation_examples([r for r in ws.records["eval"] if "messages" in r])[:128]
+        heldout = conversation_examples([r for r in ws.records["eval"] if "messages" in r])
         if not examples:
             raise ValueError("No data.sources row feeds instruct (a source with phases: [instruct]).")
-    if spec.image_branches > 1:
-        examples = image_bundles(examples, spec.image_branches, ws.recipe.seed)
-    if spec.use_moco and spec.moco_captions:
-        examples = with_moco_captions(examples, captions)
-    measure = (lambda: answer_accuracy(ws, heldout)) if heldout else None
-    record = run_stage(ws, "instruct", train_model, examples, spec, spec.steps, measure)
+    focus = focus_examples(examples, spec.focus_text) if spec.focus_steps else []
+    if spec.focus_steps and not focus:
+        raise ValueError(f"instruct.focus_text {spec.focus_text!r}: no instruction question contains it.")
+
+    def rows(examples: list[dict]) -> list[dict]:
+        if spec.image_branches > 1:
+            examples = image_bundles(examples, spec.image_branches, ws.recipe.seed)
+        if spec.use_moco and spec.moco_captions:
+            examples = with_moco_captions(examples, captions)
+        return examples
+
+    examples = rows(examples)
+    measure = (lambda: answer_accuracy(ws, heldout[:128])) if heldout else None
+    records = [run_stage(ws, "instruct", train_model, examples, spec, spec.steps, measure)]
     if lora and ws.save_stages:  # the folder holds the merged model; continue with it
         ws.model = AstreaForConditionalGeneration.from_pretrained(ws.output_dir / "stages" / "instruct" / "model")
     elif lora:
         ws.model = train_model.merge_and_unload()
-    return record
+    if focus:
+        focus_heldout = focus_examples(heldout, spec.focus_text)[:128]  # what the held-out curve follows here
+        focus_measure = (lambda: answer_accuracy(ws, focus_heldout)) if focus_heldout else measure
+        logger.warning(f"stage instruct-focus: {len(focus)} questions contain {spec.focus_text!r}")
+        records.append(run_stage(ws, "instruct-focus", ws.model, rows(focus), spec, spec.focus_steps, focus_measure))
+    if focus and spec.refocus_steps:
+        records.append(run_stage(ws, "instruct-mix", ws.model, examples, spec, spec.refocus_steps, measure))
+    return records
 
 
 # --- evaluation --------------------------------------------------------------------------------------------
@@ -1131,7 +1173,7 @@ def run(
     if "prealign" in phases:
         records += prealign(ws)
     if "instruct" in phases:
-        records.append(instruct(ws))
+        records += instruct(ws)
     metrics = {"recipe": recipe.output_dir}
     main_process = process_rank()[0] == 0  # every process trains and evaluates; one writes
     save_model_folder(ws.model, ws.output_dir / "model", ws.processor)  # before evaluation, which may fail

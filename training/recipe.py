@@ -117,6 +117,12 @@ class InstructArgs(OptimArgs):
     # up to this many conversations about the same image share one row, as branches after the image that cannot
     # see each other (collator.py): the image's visual tokens pass through the LLM once for all of them. 1: off
     image_branches: int = 1
+    # a curriculum for a question the mix does not teach: after the `steps` of the mix, `focus_steps` on the
+    # single-question conversations whose question contains `focus_text` alone (stage instruct-focus), then
+    # `refocus_steps` of the mix again (stage instruct-mix) so the other questions come back. 0: off
+    focus_text: str | None = None
+    focus_steps: int = 0
+    refocus_steps: int = 0
 
 
 @dataclass
@@ -244,6 +250,17 @@ class Recipe:
         branches = self.instruct.image_branches
         if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
             raise ValueError(f"Recipe: instruct.image_branches must be a whole number, 1 or more, not {branches!r}.")
+        spec = self.instruct
+        for key in ("focus_steps", "refocus_steps"):
+            value = getattr(spec, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Recipe: instruct.{key} must be a whole number, 0 or more, not {value!r}.")
+        if spec.focus_steps and not (isinstance(spec.focus_text, str) and spec.focus_text.strip()):
+            raise ValueError("Recipe: instruct.focus_steps needs instruct.focus_text, the text its questions contain.")
+        if spec.refocus_steps and not spec.focus_steps:
+            raise ValueError("Recipe: instruct.refocus_steps returns to the mix after a focus: set focus_steps too.")
+        if spec.focus_steps and spec.lora:
+            raise ValueError("Recipe: instruct.focus_steps works on the whole LLM; it does not combine with lora.")
         if not 1 <= self.instruct.router_top_k <= len(EXPERT_NAMES):
             raise ValueError(f"Recipe: instruct.router_top_k={self.instruct.router_top_k} must be in 1..4.")
 

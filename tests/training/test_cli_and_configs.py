@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from astrea_testing import REPO
 
@@ -137,6 +138,26 @@ def test_bad_recipe_is_a_one_line_error_before_any_work(tmp_path, capsys):
     assert cli.main(["all", "--recipe", str(recipe)]) == 2
     assert "unknown key 'instruct.stepz'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "instruct, message",
+    [
+        ({"focus_steps": 5}, "instruct.focus_steps needs instruct.focus_text"),
+        ({"focus_steps": 5, "focus_text": "  "}, "instruct.focus_steps needs instruct.focus_text"),
+        ({"refocus_steps": 5}, "instruct.refocus_steps returns to the mix after a focus"),
+        ({"focus_steps": -1, "focus_text": "x"}, "instruct.focus_steps must be a whole number, 0 or more, not -1"),
+        ({"focus_steps": 2, "focus_text": "x", "lora": True}, "does not combine with lora"),
+    ],
+)
+def test_a_focus_stage_is_checked_in_the_recipe(tmp_path, capsys, instruct, message):
+    from astrea.training import cli
+
+    recipe = tmp_path / "focus.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "instruct": instruct}))
+    assert cli.main(["all", "--recipe", str(recipe)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_cache_is_reported(tmp_path, capsys):

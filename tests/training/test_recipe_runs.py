@@ -141,6 +141,82 @@ def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_pa
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys
 
 
+def test_focus_examples_are_single_questions_that_contain_the_text():
+    examples = [
+        {
+            "keys": ["a"],
+            "frames": [],
+            "type": "mixed",
+            "messages": [
+                {"role": "user", "content": "<image>\nHow many objects are there?"},
+                {"role": "assistant", "content": "two"},
+                {"role": "user", "content": "Is the red circle left or right of the blue square?"},
+                {"role": "assistant", "content": "left"},
+            ],
+        },
+        {
+            "keys": [],
+            "messages": [
+                {"role": "user", "content": "Is left or right of 2?"},
+                {"role": "assistant", "content": "no"},
+            ],
+        },
+        {"key": "b", "prompt": "Is the red cross left or right of the green circle?", "answer": "right"},
+    ]
+    focus = pipeline.focus_examples(examples, " left or right of ")
+    assert [f["messages"] for f in focus] == [
+        [
+            {"role": "user", "content": "<image>\nIs the red circle left or right of the blue square?"},
+            {"role": "assistant", "content": "left"},
+        ],
+        [{"role": "user", "content": "Is left or right of 2?"}, {"role": "assistant", "content": "no"}],  # no image
+        [
+            {"role": "user", "content": "<image>\nIs the red cross left or right of the green circle?"},
+            {"role": "assistant", "content": "right"},
+        ],
+    ]
+    assert [f["keys"] for f in focus] == [["a"], [], ["b"]] and focus[0]["type"] == "mixed"
+    assert pipeline.focus_examples(examples, "What colour") == []
+
+
+class StageRows(TrainerCallback):
+    """Per stage folder: the user turns of the rows its Trainer trains on."""
+
+    def __init__(self):
+        self.questions: dict[str, list[str]] = {}
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        rows = train_dataloader.dataset
+        self.questions[Path(args.output_dir).name] = [
+            message["content"]
+            for row in rows
+            for conversation in (row.get("branches") or [row["messages"]])
+            for message in conversation
+            if message["role"] == "user"
+        ]
+
+
+def test_a_focus_stage_trains_on_its_questions_alone_then_the_mix_again(tmp_path, feature_cache_dir):
+    focus = {"focus_text": "How many objects", "focus_steps": 2, "refocus_steps": 1, "image_branches": 4}
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, instruct=focus))
+    watch = StageRows()
+    ws.callbacks.append(watch)
+    records = pipeline.instruct(ws)
+    assert [(r["stage"], r["steps"]) for r in records] == [("instruct", 3), ("instruct-focus", 2), ("instruct-mix", 1)]
+    assert list(watch.questions) == ["instruct", "instruct-focus", "instruct-mix"]
+    focused = watch.questions["instruct-focus"]
+    assert focused and all("How many objects" in question for question in focused)
+    for mix in ("instruct", "instruct-mix"):
+        assert any("How many objects" not in question for question in watch.questions[mix])
+        assert len(watch.questions[mix]) > len(focused)
+    stages = tmp_path / "run" / "stages"
+    assert all((stages / name / "stage.json").is_file() for name in ("instruct-focus", "instruct-mix"))
+    # a text no question contains is refused before that stage trains
+    ws.recipe.instruct.focus_text = "What is the capital of"
+    with pytest.raises(ValueError, match="no instruction question contains it"):
+        pipeline.instruct(ws)
+
+
 def test_instruct_with_lora_merges_into_a_plain_model(tmp_path, feature_cache_dir):
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, instruct={"lora": True, "lora_rank": 4}))
     base = snapshot(ws.model)
@@ -154,7 +230,7 @@ def test_instruct_with_lora_merges_into_a_plain_model(tmp_path, feature_cache_di
     assert not any("lora" in name for name in merged)
     ws.resume = True  # a resumed run loads the finished LoRA stage as a plain model
     again = pipeline.instruct(ws)
-    assert again["stage"] == "instruct" and type(ws.model) is AstreaForConditionalGeneration
+    assert [r["stage"] for r in again] == ["instruct"] and type(ws.model) is AstreaForConditionalGeneration
 
 
 def test_full_run_writes_model_metrics_and_plots(tmp_path, feature_cache_dir):
