@@ -27,26 +27,9 @@ from astrea.training.recipe import Recipe
 
 
 def single_questions(examples: list[dict], contains: str) -> list[dict]:
-    """Each image conversation's (question, answer) turns as one-question rows, the image before the question."""
-    rows = []
-    for example in examples:
-        if not example["keys"]:
-            continue
-        messages = example["messages"]
-        for user, assistant in zip(messages[::2], messages[1::2], strict=True):
-            question = user["content"].replace("<image>", "").strip()
-            if contains in question:
-                rows.append(
-                    {
-                        "keys": example["keys"],
-                        "frames": [],
-                        "messages": [
-                            {"role": "user", "content": "<image>\n" + question},
-                            {"role": "assistant", "content": assistant["content"]},
-                        ],
-                    }
-                )
-    return rows
+    """Each image conversation's (question, answer) turns that contain `contains`, as one-question rows with the
+    image before the question (the recipe's focus stage picks its questions the same way)."""
+    return [example for example in pipeline.focus_examples(examples, contains) if example["keys"]]
 
 
 def main() -> None:
