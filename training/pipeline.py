@@ -33,6 +33,8 @@ from modeling_astrea import EXPERT_NAMES, AstreaConfig, AstreaForConditionalGene
 from modeling_astrea.modeling_astrea import AstreaAlignment
 
 from .collator import (
+    IMAGE_MARKER,
+    VIDEO_MARKER,
     AstreaCollator,
     annotation_target,
     as_conversation,
@@ -162,18 +164,35 @@ def tiny_experts(recipe: Recipe, model, processor, dataset, path: Path, resume: 
     from safetensors.torch import load_file, save_file
 
     spec = recipe.expert_pretraining
-    # what decides the experts' weights: a resumed run whose recipe changes any of it pre-trains them again
-    made_by = json.dumps({"expert_pretraining": dataclasses.asdict(spec), "seed": recipe.seed}, sort_keys=True)
+    # what decides the experts' weights (their training, its data and the model): a resumed run whose recipe
+    # changes any of it pre-trains them again
+    made_by = json.dumps(
+        {
+            "expert_pretraining": dataclasses.asdict(spec),
+            "seed": recipe.seed,
+            "data": dataclasses.asdict(recipe.data),
+            "model": dataclasses.asdict(recipe.model),
+        },
+        sort_keys=True,
+    )
     rank, world = process_rank()
-    load = False
-    if resume and path.is_file():
-        with safe_open(path, "pt") as saved:
-            load = (saved.metadata() or {}).get("made_by") == made_by
-        if load:
-            logger.warning(f"tiny experts: loading those the interrupted run pre-trained ({path})")
-        else:
-            logger.warning(f"tiny experts: {path} was made by another expert_pretraining or seed; pre-training again")
-    if not load:
+    load = [False]
+    if rank == 0 and resume:  # the first process decides for all: each checking the file itself could race its write
+        if path.is_file():
+            with safe_open(path, "pt") as saved:
+                load[0] = (saved.metadata() or {}).get("made_by") == made_by
+            if load[0]:
+                logger.warning(f"tiny experts: loading those the interrupted run pre-trained ({path})")
+            else:
+                logger.warning(f"tiny experts: {path} was made by another recipe; pre-training them again")
+        elif (path.parent / "stages").is_dir():
+            logger.warning(
+                f"tiny experts: no {path.name} in the resumed run (one from before it was written); pre-training them "
+                "again, which on another machine or thread count gives other experts than its stages were aligned with"
+            )
+    if world > 1:
+        torch.distributed.broadcast_object_list(load, src=0)
+    if not load[0]:
         if rank == 0:
             pretrain_experts(
                 model,
@@ -197,9 +216,13 @@ def tiny_experts(recipe: Recipe, model, processor, dataset, path: Path, resume: 
             torch.distributed.barrier()
         if rank == 0:
             return
-    unexpected = model.load_state_dict(load_file(path), strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
+        logger.warning(f"tiny experts: process {rank} loads those process 0 pre-trained ({path})")
+    result = model.load_state_dict(load_file(path), strict=False)
+    missing = [key for key in result.missing_keys if key.startswith("model.experts.")]
+    if result.unexpected_keys or missing:
+        what = f"weights this model does not have: {result.unexpected_keys[:5]}" if result.unexpected_keys else ""
+        what = what or f"no weights for {missing[:5]}"
+        raise ValueError(f"{path} holds {what}")
 
 
 REQUIRED_COLUMNS = ("image", "caption", "tags", "boxes", "labels", "masks", "questions")
@@ -779,22 +802,27 @@ def apply_lora(model, args: InstructArgs, trainable: list[torch.nn.Module]):
 
 def focus_examples(examples: list[dict], text: str) -> list[dict]:
     """The question-and-answer turns of `examples` whose question contains `text`, each as a conversation of its own
-    about the example's images (the image marker before the question, as evaluation asks)."""
+    about the example's images or video (their markers before the question, as evaluation asks), after the
+    example's system prompt where it has one."""
     out = []
     for example in examples:
         keys, messages, frames = as_conversation(example)
-        for user, assistant in zip(messages[::2], messages[1::2], strict=False):
-            if user.get("role") != "user" or not isinstance(user.get("content"), str):
+        markers = f"{IMAGE_MARKER}\n" * (len(keys) - sum(frames)) + f"{VIDEO_MARKER}\n" * len(frames)
+        system = [m for m in messages[:1] if m.get("role") == "system"]
+        for user, assistant in zip(messages, messages[1:], strict=False):  # each turn and the next
+            if user.get("role") != "user" or assistant.get("role") != "assistant":
                 continue
-            question = user["content"].replace("<image>", "").strip()
+            if not isinstance(user.get("content"), str):
+                continue
+            question = user["content"].replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "").strip()
             if text in question:
-                marker = "<image>\n" * len(keys) if keys else ""
                 out.append(
                     {
                         "keys": keys,
                         "frames": list(frames),
                         "messages": [
-                            {"role": "user", "content": marker + question},
+                            *system,
+                            {"role": "user", "content": markers + question},
                             {"role": "assistant", "content": assistant["content"]},
                         ],
                         "type": example.get("type"),
@@ -854,6 +882,8 @@ def instruct(ws: Workspace) -> list[dict]:
         ws.model = train_model.merge_and_unload()
     if focus:
         focus_heldout = focus_examples(heldout, spec.focus_text)[:128]  # what the held-out curve follows here
+        if not focus_heldout and measure:
+            logger.warning("stage instruct-focus: no held-out question has the focus text; its curve is the mix's")
         focus_measure = (lambda: answer_accuracy(ws, focus_heldout)) if focus_heldout else measure
         logger.warning(f"stage instruct-focus: {len(focus)} questions contain {spec.focus_text!r}")
         records.append(run_stage(ws, "instruct-focus", ws.model, rows(focus), spec, spec.focus_steps, focus_measure))

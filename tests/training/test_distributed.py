@@ -169,7 +169,8 @@ def test_each_shipped_config_runs_the_whole_recipe(launches, name):
         for file in folder.glob("*.safetensors"):
             with safe_open(file, "pt") as weights:  # whole tensors: no ZeRO-3 slices written as the model
                 assert all(0 not in weights.get_slice(key).get_shape() for key in weights.keys()), folder
-    # the experts the first process pre-trained are those of the final model
+    # the experts the first process pre-trained are those of the final model, and what the other process loaded
+    assert "tiny experts: process 1 loads those process 0 pre-trained" in result.stderr
     experts = load_file(out / "pretrained_experts.safetensors")
     final = final_weights(launches, name)
     assert experts and all(torch.equal(final[key], tensor) for key, tensor in experts.items())

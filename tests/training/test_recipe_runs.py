@@ -162,6 +162,15 @@ def test_focus_examples_are_single_questions_that_contain_the_text():
             ],
         },
         {"key": "b", "prompt": "Is the red cross left or right of the green circle?", "answer": "right"},
+        {
+            "keys": ["f1", "f2", "f3"],
+            "frames": [3],
+            "messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "<video>\nIs the ball left or right of the box?"},
+                {"role": "assistant", "content": "left"},
+            ],
+        },
     ]
     focus = pipeline.focus_examples(examples, " left or right of ")
     assert [f["messages"] for f in focus] == [
@@ -174,8 +183,14 @@ def test_focus_examples_are_single_questions_that_contain_the_text():
             {"role": "user", "content": "<image>\nIs the red cross left or right of the green circle?"},
             {"role": "assistant", "content": "right"},
         ],
+        [  # a video's marker for its frames, and the system prompt kept
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "<video>\nIs the ball left or right of the box?"},
+            {"role": "assistant", "content": "left"},
+        ],
     ]
-    assert [f["keys"] for f in focus] == [["a"], [], ["b"]] and focus[0]["type"] == "mixed"
+    assert [f["keys"] for f in focus] == [["a"], [], ["b"], ["f1", "f2", "f3"]] and focus[0]["type"] == "mixed"
+    assert [f["frames"] for f in focus] == [[], [], [], [3]]
     assert pipeline.focus_examples(examples, "What colour") == []
 
 
@@ -281,10 +296,14 @@ def test_a_resumed_run_loads_the_tiny_experts_its_first_run_pre_trained(tmp_path
     assert not calls
     for name, tensor in saved.items():
         torch.testing.assert_close(resumed[name], tensor + (1.0 if name == key else 0.0), rtol=0, atol=0)
-    # other expert_pretraining settings: pre-trained again (by the stand-in here) and written anew
+    # other data to pre-train on, or other expert_pretraining settings: pre-trained again (by the stand-in here)
+    # and written anew
+    other_data = micro_recipe(tmp_path, feature_cache_dir, expert_pretraining=pretraining, data={"num_train": 13})
+    pipeline.prepare(other_data, resume=True)
+    assert len(calls) == 1
     changed_recipe = micro_recipe(tmp_path, feature_cache_dir, expert_pretraining={**pretraining, "steps": 3})
     pipeline.prepare(changed_recipe, resume=True)
-    assert len(calls) == 1
+    assert len(calls) == 2
     rewritten = load_file(path)  # what the stand-in left: the untrained experts
     assert all(torch.equal(rewritten[f"model.experts.{name}"], tensor) for name, tensor in untrained.items())
 
