@@ -200,7 +200,8 @@ def left_right_agreement(rows: list[dict], answers: dict[str, str]) -> dict:
     for name, pairs in sorted(groups.items()):
         said_right = [said == row["answer"] for row, said in pairs]
         said_first = [said == row["first"] for row, said in pairs]
-        said_second = [row["second"] is not None and said == row["second"] for row, said in pairs]
+        two_named = any(row["second"] is not None for row, _ in pairs)  # position questions name two objects
+        said_second = [said == row["second"] for row, said in pairs]
         said_left = [said == "left" for _, said in pairs]
         # the same two objects, in different halves, asked both ways round: counted once per pair
         answered = {
@@ -217,7 +218,7 @@ def left_right_agreement(rows: list[dict], answers: dict[str, str]) -> dict:
             "n": len(pairs),
             "accuracy": round(sum(said_right) / len(pairs), 3),
             "first": round(sum(said_first) / len(pairs), 3),
-            "second": round(sum(said_second) / len(pairs), 3) if name != "side" else None,
+            "second": round(sum(said_second) / len(pairs), 3) if two_named else None,
             "left": round(sum(said_left) / len(pairs), 3),
             "same_both_ways": round(sum(both_ways) / len(both_ways), 3) if both_ways else None,
         }
