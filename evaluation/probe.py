@@ -86,6 +86,8 @@ def feature_probe(model, processor, num_images: int = 1000, seed: int = 123, bat
         pixels = {k: v for k, v in inputs.items() if k.endswith(("pixel_values", "pixel_mask", "input_ids", "mask"))}
         experts = model.model.get_expert_features(**pixels)
         tokens = model.model.get_image_features(expert_features=experts).pooler_output
+        if model.config.image_token_order == "column":  # back to the raster the experts' features are in
+            tokens = tokens.unflatten(1, (grid, grid)).transpose(1, 2).flatten(1, 2)
         for name, value in [*experts.items(), ("visual tokens", tokens)]:
             collected.setdefault(name, []).append(value.float())
     features = {name: torch.cat(values) for name, values in collected.items()}

@@ -198,6 +198,10 @@ class AstreaConfig(PreTrainedConfig):
         token's top-k gets no gradient through Eq. 9 and can stay unused for good; this term gives it one.
     image_position_embedding (`bool`): add a learned, zero-initialised row and column embedding to every visual token
         (an option of ours; docs/design.md), for experts whose features say little about where a token is.
+    image_token_order (`str`): the order in which the LLM reads an image's `image_grid_size` x `image_grid_size`
+        tokens: `"row"` (the default: row by row, as LLaVA and the paper) or `"column"` (column by column, left to
+        right; an option of ours, docs/design.md). The LLM's positions are 1-D, so in column order "earlier in the
+        sequence" means "further left", which a causal LLM can compare; in row order it means "higher up".
     adapter_hidden_size (`int`): bottleneck width of each expert's adapter F_i (Eq. 10).
     projector_hidden_act (`str`): activation of the expert projectors (Linear-act-Linear FFNs).
     detection_feature_level (`int`): which level of Grounding DINO's multi-scale encoder memory is the grid.
@@ -251,6 +255,7 @@ class AstreaConfig(PreTrainedConfig):
     router_prompt_dropout: float = 0.1
     router_aux_loss_coef: float = 0.0
     image_position_embedding: bool = False
+    image_token_order: str = "row"
     adapter_hidden_size: int = 1024
     projector_hidden_act: str = "gelu"
     detection_feature_level: int = 1
@@ -326,6 +331,8 @@ class AstreaConfig(PreTrainedConfig):
             problems.append(f"router_prompt_dropout={self.router_prompt_dropout} must be in [0, 1]")
         if not self.router_aux_loss_coef >= 0.0:
             problems.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be 0 or more")
+        if self.image_token_order not in ("row", "column"):
+            problems.append(f"image_token_order={self.image_token_order!r} must be 'row' or 'column'")
         if self.image_grid_size < 1:
             problems.append(f"image_grid_size={self.image_grid_size} must be positive")
         if self.adapter_hidden_size < 1 or self.moco_embed_dim < 1 or self.moco_queue_size < 1:

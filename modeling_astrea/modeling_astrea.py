@@ -406,6 +406,14 @@ class AstreaGridPosition(nn.Module):
         return tokens + position.to(tokens.dtype)
 
 
+def column_order(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """[N, grid**2, D] tokens of a row-major raster, re-ordered column by column (`config.image_token_order`); its
+    own inverse, so it also turns column-ordered tokens back into the raster."""
+    if tokens.shape[1] != grid * grid:
+        raise ValueError(f"{tokens.shape[1]} visual tokens an image do not form the {grid} x {grid} grid")
+    return tokens.unflatten(1, (grid, grid)).transpose(1, 2).flatten(1, 2)
+
+
 def top_k_router_probs(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Eq. 9: keep the k largest logits per token, mask the rest to -inf, softmax (in float32)."""
     logits = router_logits.float()
@@ -1131,6 +1139,10 @@ class AstreaModel(AstreaPreTrainedModel):
         if self.image_position is not None:
             tokens = self.image_position(tokens)
             without_prompt = None if without_prompt is None else self.image_position(without_prompt)
+        if self.config.image_token_order == "column":  # the LLM reads the grid column by column
+            grid = self.config.image_grid_size
+            tokens = column_order(tokens, grid)
+            without_prompt = None if without_prompt is None else column_order(without_prompt, grid)
         # a new output, so that its tuple form (return_dict=False) keeps the fields in their declared order
         return AstreaImageFeatures(
             last_hidden_state=torch.cat([t.to(per_expert[0].device) for t in per_expert], dim=-1),  # device_map

@@ -38,8 +38,10 @@ def test_the_variance_share_is_what_the_class_means_explain():
     assert variance_share(torch.ones(4, 3), labels) == 0.0  # no variance at all
 
 
-def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config):
+@pytest.mark.parametrize("order", ["row", "column"])
+def test_the_visual_tokens_carry_a_strong_position_embedding(tiny_config, order):
     tiny_config.image_position_embedding = True
+    tiny_config.image_token_order = order  # the probe reads column-ordered tokens back in the raster
     torch.manual_seed(0)
     model = AstreaForConditionalGeneration(tiny_config).eval()
     with torch.no_grad():

@@ -9,6 +9,7 @@ def test_defaults_are_the_papers():
     config = AstreaConfig()
     assert config.num_image_tokens == 576  # 24 x 24, Table 1
     assert config.router_top_k == 3  # Table 3
+    assert config.image_token_order == "row"  # LLaVA's raster
     assert EXPERT_NAMES == ("caption", "classification", "detection", "segmentation")
     assert type(config.caption_config).__name__ == "SiglipVisionConfig"
     assert type(config.classification_config) is AstreaTaggerConfig
@@ -33,6 +34,7 @@ def test_round_trip_through_dict(tiny_config):
         ({"residual_prob": 1.5}, "residual_prob"),
         ({"detection_feature_level": 7}, "detection_feature_level=7"),
         ({"image_token_id": 10**6}, "outside the LLM vocabulary"),
+        ({"image_token_order": "diagonal"}, "image_token_order='diagonal' must be 'row' or 'column'"),
     ],
 )
 def test_bad_knobs_name_the_problem(tiny_config, overrides, message):
