@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from modeling_astrea.modeling_astrea import column_order
+
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, classes: int, steps: int = 300):
     """A linear softmax classifier on standardised `features` [N, C] fitted to `labels` on the rows `train` marks;
@@ -87,7 +89,7 @@ def feature_probe(model, processor, num_images: int = 1000, seed: int = 123, bat
         experts = model.model.get_expert_features(**pixels)
         tokens = model.model.get_image_features(expert_features=experts).pooler_output
         if model.config.image_token_order == "column":  # back to the raster the experts' features are in
-            tokens = tokens.unflatten(1, (grid, grid)).transpose(1, 2).flatten(1, 2)
+            tokens = column_order(tokens, grid)  # (its own inverse)
         for name, value in [*experts.items(), ("visual tokens", tokens)]:
             collected.setdefault(name, []).append(value.float())
     features = {name: torch.cat(values) for name, values in collected.items()}

@@ -71,7 +71,8 @@ class AstreaImageFeatures(BaseModelOutputWithPooling):
         axis in `EXPERT_NAMES` order (only the experts that ran: a pre-alignment stage's; with
         `router_mode="sample"`, the global (caption) expert, the one that sees every image).
     pooler_output (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`): the fused visual
-        tokens f of Eq. 10 that replace the image placeholders (the name is the one `generate()` looks for).
+        tokens f of Eq. 10 that replace the image placeholders (the name is the one `generate()` looks for), in the
+        order the LLM reads them (`config.image_token_order`); every other field here stays in the raster.
     hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the same expert features one
         tensor per expert, `(num_images, num_image_tokens, expert width)` each, in the order of `last_hidden_state`.
     attentions: always None; the four experts have no common attention map (windowed, deformable, hierarchical).
@@ -96,7 +97,8 @@ class AstreaModelOutputWithPast(ModelOutput):
     last_hidden_state (`(batch_size, sequence_length, hidden_size)`): the LLM's last hidden states.
     past_key_values (`Cache`): the LLM's KV cache.
     hidden_states, attentions: as returned by the LLM when asked for.
-    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens merged into the input.
+    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens merged into the input,
+        in `config.image_token_order`.
     router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
     router_logits (`(num_images, num_image_tokens, num_experts)`; one row per image with `router_mode="sample"`):
         the router's logits before the top-k.
@@ -122,7 +124,8 @@ class AstreaCausalLMOutputWithPast(ModelOutput):
         evenly); only with `config.router_aux_loss_coef` > 0, in instruction tuning, when there are images.
     logits (`(batch_size, sequence_length, vocab_size)`): LM head scores.
     past_key_values, hidden_states, attentions: as returned by the LLM.
-    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens.
+    image_hidden_states (`(num_images, num_image_tokens, hidden_size)`): fused visual tokens, in
+        `config.image_token_order`.
     router_probs (`(num_images, num_image_tokens, num_experts)`): router probabilities per image (Fig. 2).
     moco_chance (`()`): what `loss_moco` would be if every candidate were as similar as the positive (the log of the
         number of candidates each term counts): `loss_moco` below it means MoCo has learnt something.
@@ -393,8 +396,9 @@ class AstreaAdapter(nn.Module):
 class AstreaGridPosition(nn.Module):
     """A learned 2-D position for the visual tokens (`config.image_position_embedding`): a row vector plus a column
     vector added to each token of the `grid` x `grid` raster, both zero at the start (so the model starts without
-    it). The LLM sees the tokens in raster order only, and its 1-D positions do not say which column a token is in;
-    pretrained experts carry position in their features, tiny ones trained on colours and shapes lose most of it."""
+    it). In raster order (`config.image_token_order="row"`) the LLM's 1-D positions do not say which column a token
+    is in; pretrained experts carry position in their features, tiny ones trained on colours and shapes lose most of
+    it."""
 
     def __init__(self, grid: int, hidden_size: int):
         super().__init__()
@@ -410,7 +414,7 @@ def column_order(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     """[N, grid**2, D] tokens of a row-major raster, re-ordered column by column (`config.image_token_order`); its
     own inverse, so it also turns column-ordered tokens back into the raster."""
     if tokens.shape[1] != grid * grid:
-        raise ValueError(f"{tokens.shape[1]} visual tokens an image do not form the {grid} x {grid} grid")
+        raise ValueError(f"{tokens.shape[1]} visual tokens per image do not form the {grid} x {grid} grid")
     return tokens.unflatten(1, (grid, grid)).transpose(1, 2).flatten(1, 2)
 
 
