@@ -23,7 +23,7 @@ def pair(tiny_config):
     return rows, columns
 
 
-def test_column_order_is_the_raster_transposed():
+def test_column_order_is_the_raster_transposed():  # what the other tests compare with
     grid = 3
     raster = torch.arange(grid * grid).float()[None, :, None]  # token r * grid + c holds that number
     # column by column: (0,0) (1,0) (2,0) (0,1) ... in raster numbers
@@ -31,10 +31,6 @@ def test_column_order_is_the_raster_transposed():
     assert torch.equal(column_order(column_order(raster, grid), grid), raster)  # its own inverse
     with pytest.raises(ValueError, match="8 visual tokens per image do not form the 3 x 3 grid"):
         column_order(torch.zeros(1, 8, 1), grid)
-
-
-def transposed(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    return tokens.reshape(tokens.shape[0], grid, grid, -1).transpose(1, 2).reshape(tokens.shape[0], grid * grid, -1)
 
 
 @pytest.mark.parametrize("stage", ["token router", "token router with a prompt", "sample router", "prealign"])
@@ -58,12 +54,12 @@ def test_the_llm_gets_the_tokens_column_by_column(tiny_config, stage):
         by_rows = rows.model.get_image_features(**pixels, **prompt)
         by_columns = columns.model.get_image_features(**pixels, **prompt)
     grid = tiny_config.image_grid_size
-    torch.testing.assert_close(by_columns.pooler_output, transposed(by_rows.pooler_output, grid))
+    torch.testing.assert_close(by_columns.pooler_output, column_order(by_rows.pooler_output, grid))
     assert not torch.equal(by_columns.pooler_output, by_rows.pooler_output)
     if prompt.get("unprompted"):  # MoCo's image side, routed without the prompt
         assert not torch.allclose(by_rows.unprompted_pooler_output, by_rows.pooler_output)
         torch.testing.assert_close(
-            by_columns.unprompted_pooler_output, transposed(by_rows.unprompted_pooler_output, grid)
+            by_columns.unprompted_pooler_output, column_order(by_rows.unprompted_pooler_output, grid)
         )
     if stage.startswith("token"):  # the router's probabilities stay in the raster, as router.png draws them
         torch.testing.assert_close(by_columns.router_probs, by_rows.router_probs)
