@@ -444,6 +444,62 @@ def branch_attention(branch_ids: torch.LongTensor, attention_mask: torch.Tensor 
     return mask[:, None], position_ids
 
 
+def pack_rows_of(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Where each row's real tokens (`attention_mask` [B, T]: 1 on them, either side padded) go when the rows are
+    packed for the LLM, first fit decreasing, into as few sequences of at most T tokens as fit them: [B', T'] of
+    indices into the flattened [B * T] batch, -1 where a packed sequence is padded. None when no two rows fit in one
+    sequence (nothing to save)."""
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1).tolist()
+    capacity = keep.shape[1]
+    sequences: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        for index, free in enumerate(room):
+            if lengths[row] <= free:
+                sequences[index].append(row)
+                room[index] -= lengths[row]
+                break
+        else:
+            sequences.append([row])
+            room.append(capacity - lengths[row])
+    if len(sequences) == len(lengths):
+        return None
+    flat = torch.arange(keep.numel(), device=keep.device).view_as(keep)
+    tokens = [torch.cat([flat[row][keep[row]] for row in rows]) for rows in sequences]
+    width = max(len(t) for t in tokens)
+    return torch.stack([F.pad(t, (0, width - len(t)), value=-1) for t in tokens])
+
+
+def packed_inputs(
+    packed: torch.Tensor, inputs_embeds: torch.Tensor, row_mask: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LLM's inputs for rows packed as `packed` ([B', T'] from `pack_rows_of`): embeddings [B', T', D], the
+    [B', 1, T', T'] boolean mask (a token sees what it saw in its own row, `row_mask` [B, 1, T, T], and nothing of
+    the rows beside it) and each token's position in its row ([B', T'])."""
+    length = inputs_embeds.shape[1]
+    real = packed >= 0
+    source = packed.clamp(min=0)
+    row, token = source // length, source % length
+    mask = row_mask[:, 0][row[:, :, None], token[:, :, None], token[:, None, :]]
+    mask = mask & (row[:, :, None] == row[:, None, :]) & real[:, :, None] & real[:, None, :]
+    mask = mask | torch.eye(packed.shape[1], dtype=torch.bool, device=mask.device)[None]
+    embeds = inputs_embeds.flatten(0, 1)[source] * real.unsqueeze(-1).to(inputs_embeds.dtype)
+    positions = position_ids.flatten()[source].masked_fill(~real, 0)
+    return embeds, mask[:, None], positions
+
+
+def unpacked(packed: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The packed LLM's output [B', T', D] back in the rows' layout [B, T, D] (`attention_mask` [B, T]); zeros on
+    padding."""
+    batch, length = attention_mask.shape
+    where = torch.zeros(batch * length, dtype=torch.long, device=packed.device)
+    real = packed >= 0
+    where[packed[real]] = torch.arange(packed.numel(), device=packed.device).view_as(packed)[real]
+    rows = hidden.flatten(0, 1)[where].view(batch, length, -1)
+    return rows * attention_mask.unsqueeze(-1).to(rows.dtype)
+
+
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The Switch Transformer's load-balancing loss for a top-k router: E * sum_e f_e * P_e over the tokens of
     `router_logits` ([..., E]), where f_e is the share of the tokens' k places that expert e fills and P_e its mean
@@ -1201,18 +1257,27 @@ class AstreaModel(AstreaPreTrainedModel):
         mm_encoder_outputs: dict[str, AstreaImageFeatures] | None = None,
         router_prompt_mask: torch.Tensor | None = None,
         branch_ids: torch.LongTensor | None = None,
+        pack_rows: bool = False,
         **kwargs,
     ) -> AstreaModelOutputWithPast:
         """`router_prompt_mask` ([B, T], optional): which tokens are prompt (not answer), for a router that reads the
         prompt (`config.router_mode == "sample"` or `config.router_prompt`); by default every text token is.
         `branch_ids` ([B, T], optional; training and scoring, not generation): rows that pack several conversations
         about one image as branches after their shared prefix (`branch_attention`), as `AstreaCollator` writes them
-        with `branches`."""
+        with `branches`.
+        `pack_rows` (training and scoring, not generation): the LLM reads the batch's rows packed into as few
+        sequences as hold them (`pack_rows_of`), each row seeing only itself, at its own positions; what comes back is
+        in the rows' layout, the same up to rounding, with no compute spent on padding. Not with
+        `output_hidden_states` or `output_attentions`, whose per-layer outputs would stay packed."""
         # 1. check inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if branch_ids is not None and (past_key_values is not None or use_cache):
             raise ValueError("branch_ids packs conversations for training and scoring; generate without them.")
+        if pack_rows and (past_key_values is not None or use_cache):
+            raise ValueError("pack_rows packs the batch's rows for training and scoring; generate without it.")
+        if pack_rows and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
+            raise ValueError("pack_rows returns the last hidden states only; ask for the layers' outputs without it.")
         has_pixels = any(
             x is not None
             for x in (pixel_values, classification_pixel_values, detection_pixel_values, segmentation_pixel_values)
@@ -1259,9 +1324,19 @@ class AstreaModel(AstreaPreTrainedModel):
 
         # 5. language model
         llm_attention_mask = attention_mask
-        if branch_ids is not None:
+        packed = None
+        if pack_rows and attention_mask is not None and (position_ids is None or position_ids.dim() == 2):
+            packed = pack_rows_of(attention_mask)
+        if branch_ids is not None or packed is not None:
+            if branch_ids is None:
+                branch_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             llm_attention_mask, branch_positions = branch_attention(branch_ids, attention_mask)
             position_ids = branch_positions if position_ids is None else position_ids
+        if packed is not None:
+            inputs_embeds, llm_attention_mask, position_ids = packed_inputs(
+                packed, inputs_embeds, llm_attention_mask, position_ids.expand(attention_mask.shape)
+            )
+            use_cache = False
         outputs = self.language_model(
             return_dict=True,
             attention_mask=llm_attention_mask,
@@ -1271,8 +1346,11 @@ class AstreaModel(AstreaPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        last_hidden_state = outputs.last_hidden_state
+        if packed is not None:  # back to the rows' layout; padding gets zeros
+            last_hidden_state = unpacked(packed, last_hidden_state, attention_mask)
         return AstreaModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
+            last_hidden_state=last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -1710,4 +1788,5 @@ __all__ = [
     "load_balancing_loss",
     "top_k_router_probs",
     "branch_attention",
+    "pack_rows_of",
 ]

@@ -480,11 +480,12 @@ class AstreaSFTTrainer(SFTTrainer):
     gradient accumulation the model gets the Trainer's `num_items_in_batch` (label tokens of the whole accumulated
     batch, over every process with `average_tokens_across_devices`) and returns its share of the batch's loss, so
     that the accumulated gradient is the one-batch gradient; MoCo's momentum head is updated once per optimizer
-    step (MomentumUpdate)."""
+    step (MomentumUpdate). With `pack_rows` the LLM reads each batch's rows packed (`AstreaModel.forward`)."""
 
-    def __init__(self, *args, callbacks=None, **kwargs):
+    def __init__(self, *args, callbacks=None, pack_rows: bool = False, **kwargs):
         model = kwargs["model"]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+        self.pack_rows = pack_rows
         super().__init__(*args, callbacks=[MomentumUpdate(base), *(callbacks or [])], **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -498,9 +499,11 @@ class AstreaSFTTrainer(SFTTrainer):
         return ShuffledLengthGroups(batch, dataset[column], seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        if self.pack_rows:
+            extra["pack_rows"] = True
         # training needs the loss alone: the LM head runs only where a label is scored (evaluation keeps the logits)
-        outputs = model(**inputs, use_cache=False, skip_logits=model.training, **counted)
+        outputs = model(**inputs, use_cache=False, skip_logits=model.training, **extra)
         mode = "train" if model.training else "eval"
         for name in ("loss_reg", "loss_moco", "moco_chance", "loss_balance"):
             value = getattr(outputs, name, None)
@@ -641,6 +644,7 @@ def run_stage(ws: Workspace, name: str, model, examples: list[dict], args: Optim
         data_collator=collator,
         processing_class=ws.processor.tokenizer,
         callbacks=[history, *ws.callbacks],
+        pack_rows=args.pack_rows,
     )
     start = time.perf_counter()
     with compiled_decoder_layers(model, enabled=args.compile_language_model):

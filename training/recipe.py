@@ -90,6 +90,9 @@ class OptimArgs:
     # batches of examples of about the same length (each example's token count, image tokens included), in a
     # random order drawn from the seed and the epoch: less padding, the same examples per epoch
     group_by_length: bool = False
+    # the LLM reads each batch's rows packed into as few sequences as hold them, each row seeing only itself: the
+    # same loss and gradients up to rounding, no compute spent on padding (`pack_rows`, docs/training.md)
+    pack_rows: bool = False
 
 
 @dataclass

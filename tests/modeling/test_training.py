@@ -101,3 +101,74 @@ def test_branches_are_computed_as_their_conversations_alone(tiny_model, tiny_con
     assert not torch.allclose(plain[branch_ids[0] == 2], alone[1], atol=1e-4)
     with pytest.raises(ValueError, match="generate without them"):
         model(input_ids=ids, **pixels, branch_ids=branch_ids, use_cache=True)
+
+
+def test_pack_rows_of_places_every_real_token_once():
+    """First fit decreasing into sequences no longer than the batch's rows: every real token of every row once, in
+    its row's order, rows never split, fewer sequences than rows; None when no two rows fit together."""
+    from modeling_astrea.modeling_astrea import pack_rows_of
+
+    mask = torch.zeros(5, 8, dtype=torch.long)
+    for row, (start, length) in enumerate([(0, 5), (0, 3), (0, 8), (6, 2), (0, 1)]):  # row 3 is padded on the left
+        mask[row, start : start + length] = 1
+    packed = pack_rows_of(mask)
+    assert packed.shape == (3, 8)  # [row 2], [row 0, row 1], [row 3, row 4]
+    real = packed[packed >= 0]
+    assert sorted(real.tolist()) == torch.nonzero(mask.flatten()).squeeze(1).tolist()
+    for sequence in packed:
+        rows = (sequence[sequence >= 0] // 8).tolist()
+        assert rows == sorted(rows, key=rows.index)  # each row's tokens together
+        for row in set(rows):
+            tokens = sequence[sequence >= 0][torch.tensor(rows) == row]
+            assert torch.equal(tokens, torch.nonzero(mask[row]).squeeze(1) + 8 * row)  # all of it, in order
+    assert pack_rows_of(torch.ones(3, 4, dtype=torch.long)) is None
+
+
+def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_config):
+    """`pack_rows=True`: the LLM reads the rows packed (two short rows share a sequence, one of them holding two
+    branches), and the loss, every gradient and the logits on real tokens are those of the padded batch."""
+    prefix = len(prompt_ids(tiny_config, []))
+    texts = [[40 + i % 20 for i in range(prefix + 8)] + [2], [50, 51, 2], [60, 61, 62, 2]]  # rows 1 and 2 fit in one
+    rows = [prompt_ids(tiny_config, text) for text in texts]
+    length = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+        attention_mask[index, : len(row)] = 1
+    branch_ids = torch.zeros_like(ids)
+    branch_ids[2, prefix : prefix + 2], branch_ids[2, prefix + 2 : prefix + 4] = 1, 2  # row 2: two branches
+    labels = ids.masked_fill((ids == tiny_config.image_token_id) | (attention_mask == 0), -100)
+    labels[:, 0] = -100
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "branch_ids": branch_ids,
+        **random_pixels(tiny_config, len(rows)),
+    }
+    from modeling_astrea.modeling_astrea import pack_rows_of
+
+    assert pack_rows_of(attention_mask).shape[0] == 2  # something is packed
+    model = tiny_model.train()
+    model.config.use_moco = False  # MoCo's EMA/queue would make the two passes differ
+
+    def run(**kwargs):
+        model.zero_grad()
+        output = model(**batch, use_cache=False, **kwargs)
+        output.loss.backward()
+        return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded, padded_grads = run()
+    packed, packed_grads = run(pack_rows=True)
+    torch.testing.assert_close(packed.loss, padded.loss)
+    real = attention_mask.bool()
+    torch.testing.assert_close(packed.logits[real], padded.logits[real])
+    assert packed_grads.keys() == padded_grads.keys()
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], msg=name)
+    del batch["branch_ids"]
+    with pytest.raises(ValueError, match="generate without it"):
+        model(**batch, pack_rows=True, use_cache=True)
+    with pytest.raises(ValueError, match="ask for the layers' outputs without it"):
+        model(**batch, pack_rows=True, use_cache=False, output_hidden_states=True)
