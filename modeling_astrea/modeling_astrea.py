@@ -449,7 +449,7 @@ def pack_rows_of(attention_mask: torch.Tensor) -> torch.Tensor | None:
     packed for the LLM, first fit decreasing, into as few sequences of at most T tokens as fit them: [B', T'] of
     indices into the flattened [B * T] batch, -1 where a packed sequence is padded. None when no two rows fit in one
     sequence (nothing to save)."""
-    keep = attention_mask.bool()
+    keep = attention_mask.bool().cpu()  # the plan is made on the host, in one copy, and sent back once
     lengths = keep.sum(dim=1).tolist()
     capacity = keep.shape[1]
     sequences: list[list[int]] = []
@@ -463,12 +463,13 @@ def pack_rows_of(attention_mask: torch.Tensor) -> torch.Tensor | None:
         else:
             sequences.append([row])
             room.append(capacity - lengths[row])
-    if len(sequences) == len(lengths):
+    width = capacity - min(room, default=capacity)
+    if len(sequences) == len(lengths) or width == 0:  # nothing shares a sequence, or every row is padding
         return None
-    flat = torch.arange(keep.numel(), device=keep.device).view_as(keep)
+    flat = torch.arange(keep.numel()).view_as(keep)
     tokens = [torch.cat([flat[row][keep[row]] for row in rows]) for rows in sequences]
-    width = max(len(t) for t in tokens)
-    return torch.stack([F.pad(t, (0, width - len(t)), value=-1) for t in tokens])
+    packed = torch.stack([F.pad(t, (0, width - len(t)), value=-1) for t in tokens])
+    return packed.to(attention_mask.device)
 
 
 def packed_inputs(
@@ -496,7 +497,7 @@ def unpacked(packed: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.T
     where = torch.zeros(batch * length, dtype=torch.long, device=packed.device)
     real = packed >= 0
     where[packed[real]] = torch.arange(packed.numel(), device=packed.device).view_as(packed)[real]
-    rows = hidden.flatten(0, 1)[where].view(batch, length, -1)
+    rows = hidden.flatten(0, 1)[where.to(hidden.device)].view(batch, length, -1)
     return rows * attention_mask.unsqueeze(-1).to(rows.dtype)
 
 
@@ -1237,6 +1238,19 @@ class AstreaModel(AstreaPreTrainedModel):
             )
         return mask
 
+    def _four_dimensional_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean [B, 1, T, T] mask of branches or packed rows as the LLM's attention takes it: as is for SDPA,
+        additive (0 or the dtype's minimum) for eager attention, which adds the mask to the scores."""
+        implementation = self.language_model.config._attn_implementation
+        if implementation == "sdpa":
+            return mask
+        if implementation == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        raise ValueError(
+            f"branch_ids and pack_rows give the LLM a 4D attention mask, which its attention ({implementation!r}) "
+            "does not take: load the model with attn_implementation='sdpa' or 'eager', or train without them."
+        )
+
     @can_return_tuple
     def forward(
         self,
@@ -1325,8 +1339,9 @@ class AstreaModel(AstreaPreTrainedModel):
         # 5. language model
         llm_attention_mask = attention_mask
         packed = None
-        if pack_rows and attention_mask is not None and (position_ids is None or position_ids.dim() == 2):
-            packed = pack_rows_of(attention_mask)
+        if pack_rows and attention_mask is not None and attention_mask.dim() == 2:
+            if position_ids is None or position_ids.dim() == 2:
+                packed = pack_rows_of(attention_mask)
         if branch_ids is not None or packed is not None:
             if branch_ids is None:
                 branch_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
@@ -1337,6 +1352,8 @@ class AstreaModel(AstreaPreTrainedModel):
                 packed, inputs_embeds, llm_attention_mask, position_ids.expand(attention_mask.shape)
             )
             use_cache = False
+        if branch_ids is not None or packed is not None:
+            llm_attention_mask = self._four_dimensional_mask(llm_attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             return_dict=True,
             attention_mask=llm_attention_mask,

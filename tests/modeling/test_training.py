@@ -121,12 +121,15 @@ def test_pack_rows_of_places_every_real_token_once():
         for row in set(rows):
             tokens = sequence[sequence >= 0][torch.tensor(rows) == row]
             assert torch.equal(tokens, torch.nonzero(mask[row]).squeeze(1) + 8 * row)  # all of it, in order
-    assert pack_rows_of(torch.ones(3, 4, dtype=torch.long)) is None
+    assert pack_rows_of(torch.ones(3, 4, dtype=torch.long)) is None  # no two rows fit together
+    assert pack_rows_of(torch.zeros(3, 4, dtype=torch.long)) is None  # every row is padding
 
 
-def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_config):
-    """`pack_rows=True`: the LLM reads the rows packed (two short rows share a sequence, one of them holding two
-    branches), and the loss, every gradient and the logits on real tokens are those of the padded batch."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_config, attention):
+    """`pack_rows=True`: the LLM reads the rows packed (two short rows share a sequence, one of them padded on the
+    left, the other holding two branches), and the loss, every gradient and the logits on real tokens are those of
+    the padded batch, with SDPA and with eager attention (which adds its mask to the scores)."""
     prefix = len(prompt_ids(tiny_config, []))
     texts = [[40 + i % 20 for i in range(prefix + 8)] + [2], [50, 51, 2], [60, 61, 62, 2]]  # rows 1 and 2 fit in one
     rows = [prompt_ids(tiny_config, text) for text in texts]
@@ -134,8 +137,9 @@ def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_co
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     attention_mask = torch.zeros_like(ids)
     for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row)
-        attention_mask[index, : len(row)] = 1
+        where = slice(length - len(row), length) if index == 1 else slice(0, len(row))  # row 1 padded on the left
+        ids[index, where] = torch.tensor(row)
+        attention_mask[index, where] = 1
     branch_ids = torch.zeros_like(ids)
     branch_ids[2, prefix : prefix + 2], branch_ids[2, prefix + 2 : prefix + 4] = 1, 2  # row 2: two branches
     labels = ids.masked_fill((ids == tiny_config.image_token_id) | (attention_mask == 0), -100)
@@ -151,6 +155,8 @@ def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_co
 
     assert pack_rows_of(attention_mask).shape[0] == 2  # something is packed
     model = tiny_model.train()
+    model.model.language_model.config._attn_implementation = attention
+    assert model.model.language_model.config._attn_implementation == attention
     model.config.use_moco = False  # MoCo's EMA/queue would make the two passes differ
 
     def run(**kwargs):
@@ -172,3 +178,29 @@ def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_co
         model(**batch, pack_rows=True, use_cache=True)
     with pytest.raises(ValueError, match="ask for the layers' outputs without it"):
         model(**batch, pack_rows=True, use_cache=False, output_hidden_states=True)
+    model.model.language_model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    with pytest.raises(ValueError, match="load the model with attn_implementation='sdpa' or 'eager'"):
+        model(**batch, pack_rows=True, use_cache=False)
+
+
+def test_the_trainer_packs_rows_when_its_phase_says_so():
+    """`AstreaSFTTrainer(pack_rows=...)` (a phase's `pack_rows`, as `run_stage` passes it) reaches the model's forward,
+    in training and in evaluation; without it the model is not asked to pack."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from astrea.training.pipeline import AstreaSFTTrainer
+
+    calls = []
+
+    class Model:
+        training = True
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(loss=torch.tensor(1.0))
+
+    for pack in (True, False):
+        trainer = SimpleNamespace(pack_rows=pack, _metrics=defaultdict(lambda: defaultdict(list)))
+        AstreaSFTTrainer.compute_loss(trainer, Model(), {"input_ids": torch.ones(1, 3, dtype=torch.long)})
+        assert calls[-1].get("pack_rows", False) is pack
