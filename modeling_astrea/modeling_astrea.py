@@ -1347,12 +1347,11 @@ class AstreaModel(AstreaPreTrainedModel):
                 branch_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             llm_attention_mask, branch_positions = branch_attention(branch_ids, attention_mask)
             position_ids = branch_positions if position_ids is None else position_ids
-        if packed is not None:
-            inputs_embeds, llm_attention_mask, position_ids = packed_inputs(
-                packed, inputs_embeds, llm_attention_mask, position_ids.expand(attention_mask.shape)
-            )
-            use_cache = False
-        if branch_ids is not None or packed is not None:
+            if packed is not None:
+                inputs_embeds, llm_attention_mask, position_ids = packed_inputs(
+                    packed, inputs_embeds, llm_attention_mask, position_ids.expand(attention_mask.shape)
+                )
+                use_cache = False
             llm_attention_mask = self._four_dimensional_mask(llm_attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             return_dict=True,

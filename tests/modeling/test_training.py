@@ -4,6 +4,8 @@ import pytest
 import torch
 from astrea_testing import prompt_ids, random_pixels
 
+from modeling_astrea.modeling_astrea import pack_rows_of
+
 
 def fixed_batch(config):
     ids = torch.tensor([prompt_ids(config, [40, 41, 42, 43, 44, 2]), prompt_ids(config, [50, 51, 52, 53, 54, 2])])
@@ -106,8 +108,6 @@ def test_branches_are_computed_as_their_conversations_alone(tiny_model, tiny_con
 def test_pack_rows_of_places_every_real_token_once():
     """First fit decreasing into sequences no longer than the batch's rows: every real token of every row once, in
     its row's order, rows never split, fewer sequences than rows; None when no two rows fit together."""
-    from modeling_astrea.modeling_astrea import pack_rows_of
-
     mask = torch.zeros(5, 8, dtype=torch.long)
     for row, (start, length) in enumerate([(0, 5), (0, 3), (0, 8), (6, 2), (0, 1)]):  # row 3 is padded on the left
         mask[row, start : start + length] = 1
@@ -151,8 +151,6 @@ def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_co
         "branch_ids": branch_ids,
         **random_pixels(tiny_config, len(rows)),
     }
-    from modeling_astrea.modeling_astrea import pack_rows_of
-
     assert pack_rows_of(attention_mask).shape[0] == 2  # something is packed
     model = tiny_model.train()
     model.model.language_model.config._attn_implementation = attention
@@ -184,8 +182,8 @@ def test_packed_rows_give_the_same_loss_gradients_and_logits(tiny_model, tiny_co
 
 
 def test_the_trainer_packs_rows_when_its_phase_says_so():
-    """`AstreaSFTTrainer(pack_rows=...)` (a phase's `pack_rows`, as `run_stage` passes it) reaches the model's forward,
-    in training and in evaluation; without it the model is not asked to pack."""
+    """`AstreaSFTTrainer(pack_rows=...)` (a phase's `pack_rows`, as `run_stage` passes it) reaches the model's forward;
+    without it the model is not asked to pack."""
     from collections import defaultdict
     from types import SimpleNamespace
 
