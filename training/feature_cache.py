@@ -15,6 +15,7 @@ it back to the dtype the expert produced (the operating system's page cache keep
 
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import uuid
@@ -137,7 +138,9 @@ class FeatureCache:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"The feature cache dtype must be a floating-point dtype such as float16, not {dtype!r}.")
         self.shard_bytes = int(shard_mb * 2**20)
-        self.hits = self.misses = 0
+        # hits and misses in shared memory: a DataLoader worker started from this process (`dataloader_num_workers`)
+        # reads through its own copy of the cache, and its reads count here too
+        self._counts = multiprocessing.Array("q", 2)
         self._check_writable()
         self.writers: dict[str, _ShardWriter] = {}
         self.shards: dict[str, dict] = {}  # {index path: the shard's index, with its memory map}, opened once
@@ -207,7 +210,7 @@ class FeatureCache:
     def get(self, expert: str, key: str) -> torch.Tensor | None:
         """One entry, in the dtype the expert produced it in; None if it is not in a closed shard."""
         if key not in self.entries[expert]:
-            self.misses += 1
+            self.count(misses=1)
             return None
         return self.load([key], [expert])[expert][0]
 
@@ -221,7 +224,7 @@ class FeatureCache:
             for key in keys:
                 where = self.entries[name].get(key)
                 if where is None:
-                    self.misses += 1
+                    self.count(misses=1)
                     raise KeyError(
                         f"No cached {name} features for image {key}: fill the cache first (with several processes, "
                         "`cache_dir` must be on storage that all of them see)."
@@ -236,7 +239,7 @@ class FeatureCache:
                 for index, (shard, row) in enumerate(places):
                     raw[index] = shard["map"][row]
                 out[name] = batch.to(first["source"])
-            self.hits += len(keys)
+            self.count(hits=len(keys))
         return out
 
     @staticmethod
@@ -286,6 +289,38 @@ class FeatureCache:
         """Bytes of the closed shards of this cache's experts."""
         return sum(path.stat().st_size for name in self.fingerprints for path in self.folder(name).glob("*.bin"))
 
+    def __getstate__(self) -> dict:
+        """A pickled cache (a spawned DataLoader worker's, or a copy) holds no memory maps: it opens the shards again.
+        A worker shares this cache's counts; any other copy starts its own from these."""
+        if self.writers:
+            raise RuntimeError("A feature cache with open shards cannot be pickled: flush() it first.")
+        state = {key: value for key, value in self.__dict__.items() if key not in ("shards", "entries")}
+        if multiprocessing.context.get_spawning_popen() is None:  # not a process being started: a copy
+            state["_counts"] = list(self._counts)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["_counts"], list):
+            state["_counts"] = multiprocessing.Array("q", state["_counts"])
+        self.__dict__.update(state)
+        self.shards = {}
+        self.refresh()
+
+    def count(self, hits: int = 0, misses: int = 0) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += hits
+            self._counts[1] += misses
+
+    @property
+    def hits(self) -> int:
+        """Entries read, by this process and the DataLoader workers forked from it."""
+        return self._counts[0]
+
+    @property
+    def misses(self) -> int:
+        """Entries asked for and not cached (and so computed, in `fill`), counted like `hits`."""
+        return self._counts[1]
+
     @property
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -332,8 +367,7 @@ class FeatureCache:
                 continue
             seen.add(key)
             missing = [name for name in experts if (name, key) not in self]
-            self.hits += len(experts) - len(missing)
-            self.misses += len(missing)
+            self.count(hits=len(experts) - len(missing), misses=len(missing))
             if missing:
                 pending.append((key, image, missing))
                 if len(pending) == batch_size:

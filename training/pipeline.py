@@ -573,7 +573,8 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
-        dataloader_num_workers=0,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_persistent_workers=args.dataloader_num_workers > 0,  # not forked again at every epoch
         disable_tqdm=False,
     )
 

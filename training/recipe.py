@@ -93,6 +93,9 @@ class OptimArgs:
     # the LLM reads each batch's rows packed into as few sequences as hold them, each row seeing only itself: the
     # same loss and gradients up to rounding, no compute spent on padding (`pack_rows`, docs/training.md)
     pack_rows: bool = False
+    # processes that read and collate the next batches while this one trains (the Trainer's dataloader_num_workers,
+    # kept alive across epochs): 0 collates between steps; a GPU run on real data wants several
+    dataloader_num_workers: int = 0
 
 
 @dataclass
@@ -253,6 +256,12 @@ class Recipe:
         branches = self.instruct.image_branches
         if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
             raise ValueError(f"Recipe: instruct.image_branches must be a whole number, 1 or more, not {branches!r}.")
+        for phase in ("prealign", "instruct"):
+            workers = getattr(self, phase).dataloader_num_workers
+            if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+                raise ValueError(
+                    f"Recipe: {phase}.dataloader_num_workers must be a whole number, 0 or more, not {workers!r}."
+                )
         spec = self.instruct
         for key in ("focus_steps", "refocus_steps"):
             value = getattr(spec, key)

@@ -160,6 +160,18 @@ def test_a_focus_stage_is_checked_in_the_recipe(tmp_path, capsys, instruct, mess
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("phase, workers", [("prealign", -1), ("instruct", 1.5)])
+def test_dataloader_workers_are_checked_in_the_recipe(tmp_path, capsys, phase, workers):
+    from astrea.training import cli
+
+    recipe = tmp_path / "workers.yaml"
+    settings = {"output_dir": str(tmp_path / "run"), phase: {"dataloader_num_workers": workers}}
+    recipe.write_text(yaml.safe_dump(settings))
+    assert cli.main(["all", "--recipe", str(recipe)]) == 2
+    assert f"{phase}.dataloader_num_workers must be" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_cache_is_reported(tmp_path, capsys):
     from astrea.training import cli
 

@@ -1,6 +1,7 @@
 """The synthetic data set, the recipe file and the feature cache."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -355,6 +356,26 @@ def test_a_damaged_shard_is_dropped_and_its_entries_recomputed(cache_setup):
     misses = reopened.misses
     assert reopened.fill(model, processor, [image])["misses"] == misses + 1  # only the caption entry is computed
     assert reopened.get("caption", key) is not None
+
+
+def test_dataloader_workers_read_the_cache_and_their_reads_count_here(cache_setup):
+    """`dataloader_num_workers` > 0: the collator's cache is copied into worker processes; they read the same
+    features, and their hits add to this process's. A pickled copy opens the shards again and counts on its own."""
+    cache, model, processor = cache_setup
+    images = [Image.new("RGB", (24, 24), c) for c in ("navy", "gold", "teal", "plum")]
+    cache.fill(model, processor, images)
+    keys = [image_key(image) for image in images]
+    hits = cache.hits
+    batches = list(torch.utils.data.DataLoader(keys, batch_size=2, collate_fn=cache.load, num_workers=1))
+    assert cache.hits == hits + len(keys) * 4  # every expert's entry of every image, read in the worker
+    expected = cache.load(keys)
+    for name, feature in expected.items():
+        torch.testing.assert_close(torch.cat([batch[name] for batch in batches]), feature, atol=0, rtol=0)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.hits == cache.hits
+    for name, feature in copy.load(keys[:1]).items():
+        torch.testing.assert_close(feature, expected[name][:1], atol=0, rtol=0)
+    assert copy.hits == cache.hits + 4 and cache.hits == hits + len(keys) * 8
 
 
 def test_a_killed_fill_leaves_no_entry_and_its_leftovers_go(cache_setup, monkeypatch):

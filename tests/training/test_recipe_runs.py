@@ -141,6 +141,16 @@ def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_pa
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys
 
 
+def test_instruct_with_dataloader_workers_trains_on_features_the_workers_read(tmp_path, feature_cache_dir):
+    ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, instruct={"dataloader_num_workers": 1}))
+    ws.track_heldout = False  # no held-out measure: only the worker reads the cache
+    hits, before = ws.cache.hits, snapshot(ws.model)
+    pipeline.instruct(ws)
+    assert any(n.startswith("model.router.") for n in changed(before, ws.model))
+    assert ws.cache.hits >= hits + 3 * 4 * 4  # 3 steps of 4 rows, each row's image from the 4 experts' entries
+    assert int(ws.model.moco.queue_len) == 3 * 4
+
+
 def test_focus_examples_are_single_questions_that_contain_the_text():
     examples = [
         {
