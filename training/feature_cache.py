@@ -138,8 +138,9 @@ class FeatureCache:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"The feature cache dtype must be a floating-point dtype such as float16, not {dtype!r}.")
         self.shard_bytes = int(shard_mb * 2**20)
-        # hits and misses in shared memory: a DataLoader worker started from this process (`dataloader_num_workers`)
-        # reads through its own copy of the cache, and its reads count here too
+        # hits and misses in shared memory: a DataLoader worker started from this process (`dataloader_num_workers`,
+        # in multiprocessing's default start method, as the Trainer starts them) reads through its own copy of the
+        # cache, and its reads count here too
         self._counts = multiprocessing.Array("q", 2)
         self._check_writable()
         self.writers: dict[str, _ShardWriter] = {}
@@ -313,12 +314,12 @@ class FeatureCache:
 
     @property
     def hits(self) -> int:
-        """Entries read, by this process and the DataLoader workers forked from it."""
+        """Entries read, by this process and the DataLoader workers started from it."""
         return self._counts[0]
 
     @property
     def misses(self) -> int:
-        """Entries asked for and not cached (and so computed, in `fill`), counted like `hits`."""
+        """Entries asked for and not cached (computed by `fill`; an error in `load`), counted like `hits`."""
         return self._counts[1]
 
     @property

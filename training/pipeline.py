@@ -573,8 +573,9 @@ def sft_config(args: OptimArgs, steps: int, output_dir: Path, seed: int) -> SFTC
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
+        # workers started again at every epoch, not kept: each epoch's loader then draws its seed from the global
+        # random state as it does without workers, so the run (and a resumed one) draws the same random numbers
         dataloader_num_workers=args.dataloader_num_workers,
-        dataloader_persistent_workers=args.dataloader_num_workers > 0,  # not forked again at every epoch
         disable_tqdm=False,
     )
 

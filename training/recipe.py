@@ -93,8 +93,8 @@ class OptimArgs:
     # the LLM reads each batch's rows packed into as few sequences as hold them, each row seeing only itself: the
     # same loss and gradients up to rounding, no compute spent on padding (`pack_rows`, docs/training.md)
     pack_rows: bool = False
-    # processes that read and collate the next batches while this one trains (the Trainer's dataloader_num_workers,
-    # kept alive across epochs): 0 collates between steps; a GPU run on real data wants several
+    # processes that read and collate the next batches while this one trains (the Trainer's dataloader_num_workers):
+    # 0 collates between steps; a GPU run on real data wants several. The same batches and random numbers either way
     dataloader_num_workers: int = 0
 
 

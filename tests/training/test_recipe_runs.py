@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -141,14 +142,52 @@ def test_instruct_trains_router_adapters_moco_and_llm_and_fills_the_queue(tmp_pa
     assert int(ws.model.moco.queue_len) == 3 * 4  # 3 steps x 4 keys
 
 
-def test_instruct_with_dataloader_workers_trains_on_features_the_workers_read(tmp_path, feature_cache_dir):
+def test_instruct_with_dataloader_workers_trains_on_features_the_workers_read(
+    tmp_path, feature_cache_dir, monkeypatch
+):
+    from astrea.training.collator import AstreaCollator
+
+    collate, pids = AstreaCollator.__call__, tmp_path / "collating-pids"
+
+    def recorded(self, examples):  # which process collates (a file: a worker's list would be its own copy)
+        with pids.open("a") as file:
+            file.write(f"{os.getpid()}\n")
+        return collate(self, examples)
+
+    monkeypatch.setattr(AstreaCollator, "__call__", recorded)
     ws = pipeline.prepare(micro_recipe(tmp_path, feature_cache_dir, instruct={"dataloader_num_workers": 1}))
     ws.track_heldout = False  # no held-out measure: only the worker reads the cache
     hits, before = ws.cache.hits, snapshot(ws.model)
     pipeline.instruct(ws)
+    collators = set(pids.read_text().split())
+    assert collators and str(os.getpid()) not in collators  # every batch was collated in a worker
     assert any(n.startswith("model.router.") for n in changed(before, ws.model))
     assert ws.cache.hits >= hits + 3 * 4 * 4  # 3 steps of 4 rows, each row's image from the 4 experts' entries
     assert int(ws.model.moco.queue_len) == 3 * 4
+
+
+def test_dataloader_workers_leave_the_runs_random_numbers_alone(tmp_path, feature_cache_dir):
+    """Over more than one epoch, with a model that draws random numbers (the router's prompt dropout), a run with a
+    worker ends with the same weights as one without (kept-alive workers would not: later epochs' loaders would
+    draw no seed from the global random state)."""
+    model = {"config": str(TINY), "overrides": {"router_prompt": True, "router_prompt_dropout": 0.5}}
+    weights, epochs = [], []
+
+    class Epochs(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            epochs.append(state.epoch)
+
+    for workers in (0, 1):
+        instruct = {"dataloader_num_workers": workers, "steps": 6, "batch_size": 8}
+        recipe = micro_recipe(tmp_path / str(workers), feature_cache_dir, model=model, instruct=instruct)
+        recipe.data.num_train, recipe.data.num_test = 4, 2
+        ws = pipeline.prepare(recipe, callbacks=[Epochs()])
+        ws.track_heldout = False
+        pipeline.instruct(ws)
+        weights.append(snapshot(ws.model))
+    assert len(epochs) == 2 and min(epochs) > 1  # the second epoch's loader is a new one
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=0, rtol=0, msg=name)
 
 
 def test_focus_examples_are_single_questions_that_contain_the_text():
