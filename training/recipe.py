@@ -256,12 +256,9 @@ class Recipe:
         branches = self.instruct.image_branches
         if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
             raise ValueError(f"Recipe: instruct.image_branches must be a whole number, 1 or more, not {branches!r}.")
-        for phase in ("prealign", "instruct"):
-            workers = getattr(self, phase).dataloader_num_workers
-            if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-                raise ValueError(
-                    f"Recipe: {phase}.dataloader_num_workers must be a whole number, 0 or more, not {workers!r}."
-                )
+        for phase in ("prealign", "instruct"):  # (that it is an integer, the file's reader checks)
+            if getattr(self, phase).dataloader_num_workers < 0:
+                raise ValueError(f"Recipe: {phase}.dataloader_num_workers must be 0 or more.")
         spec = self.instruct
         for key in ("focus_steps", "refocus_steps"):
             value = getattr(spec, key)
